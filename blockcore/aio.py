@@ -1,0 +1,349 @@
+"""AioContexts (an event loop owned by one thread), waiting, sync wrappers and the graph lock.
+
+- :class:`AioContext`: an asyncio event loop and the one thread that runs it. The main context
+  belongs to the main thread and runs only while someone waits on it (as in qemu-img); an
+  :class:`IOThread` runs its context's loop forever in its own thread.
+- :func:`aio_wait_while`: QEMU's ``AIO_WAIT_WHILE`` — poll until a condition turns false;
+  :func:`aio_wait_kick` wakes pollers (``bdrv_dec_in_flight`` calls it).
+- :func:`co_wrapper`: the one mechanism that makes sync functions out of coroutines (QEMU's
+  generated ``co_wrapper``, ``co_wrapper_mixed`` and ``*_bdrv_rdlock`` wrappers).
+- The graph lock: coroutines read the graph under :func:`bdrv_graph_co_rdlock`; the main
+  thread changes it under :func:`bdrv_graph_wrlock` after quiescing every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import threading
+from asyncio import current_task
+from asyncio.events import _get_running_loop
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .errors import DeadlockError, TierViolation
+from .tiers import Tier, api, global_state_code, io_or_gs_code, qemu_in_main_thread
+
+if TYPE_CHECKING:
+    from .graph import BlockDriverState
+
+__all__ = [
+    "AioContext",
+    "IOThread",
+    "aio_wait_kick",
+    "aio_wait_while",
+    "assert_bdrv_graph_readable",
+    "bdrv_graph_co_rdlock",
+    "bdrv_graph_wrlock",
+    "bdrv_graph_wrunlock",
+    "co_wrapper",
+    "main_context",
+    "run",
+]
+
+T = TypeVar("T")
+
+
+class AioContext:
+    """An event loop owned by exactly one thread. Tier: common (the object itself)."""
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, thread_ident: int | None):
+        self.name = name
+        self.loop = loop
+        self.thread_ident = thread_ident
+        #: Graph readers currently inside this context (only its own thread changes it).
+        self.graph_readers = 0
+
+    def in_home_thread(self) -> bool:
+        """True when called by the thread that owns this context."""
+        return threading.get_ident() == self.thread_ident
+
+    def __repr__(self) -> str:
+        return f"<AioContext {self.name}>"
+
+
+_main_ctx: AioContext | None = None
+
+
+@api(Tier.COMMON)
+def main_context() -> AioContext:
+    """The main thread's AioContext (``qemu_get_aio_context``). Tier: common."""
+    global _main_ctx
+    if _main_ctx is None:
+        _main_ctx = AioContext(
+            "main", asyncio.new_event_loop(), threading.main_thread().ident
+        )
+    return _main_ctx
+
+
+class IOThread:
+    """A thread running an AioContext's loop until :meth:`stop` (QEMU's ``-object iothread``).
+
+    Start it, move nodes into it with :func:`blockcore.graph.bdrv_try_change_aio_context`,
+    move them back before stopping it.
+    """
+
+    def __init__(self, name: str = "iothread0") -> None:
+        self.name = name
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.ctx: AioContext | None = None
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.ctx = AioContext(self.name, loop, threading.get_ident())
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def start(self) -> AioContext:
+        """Start the thread and return its context. Tier: GS."""
+        global_state_code("IOThread.start")
+        self._thread.start()
+        self._ready.wait()
+        assert self.ctx is not None
+        return self.ctx
+
+    def stop(self) -> None:
+        """Stop the loop and join the thread. Tier: GS. Nodes must have left the context."""
+        global_state_code("IOThread.stop")
+        if self.ctx is not None and self._thread.is_alive():
+            self.ctx.loop.call_soon_threadsafe(self.ctx.loop.stop)
+            self._thread.join()
+
+    def __enter__(self) -> AioContext:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -------------------------------------------------------------------------------------------
+# AIO_WAIT_WHILE / aio_wait_kick
+# -------------------------------------------------------------------------------------------
+
+_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+_waiters_lock = threading.Lock()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+@api(Tier.IO)
+def aio_wait_kick() -> None:
+    """Wake every poller of :func:`aio_wait_while` so it re-checks its condition. Tier: I/O."""
+    if _waiters:
+        with _waiters_lock:
+            waiters = list(_waiters)
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_wake, fut)
+
+
+def _poll_loop() -> AioContext:
+    """The context the current thread may poll: its own, or the main one."""
+    if qemu_in_main_thread():
+        return main_context()
+    raise DeadlockError(
+        f"thread {threading.current_thread().name!r} owns no AioContext that it could poll"
+    )
+
+
+@api(Tier.IO_OR_GS)
+def aio_wait_while(ctx: AioContext, cond: Callable[[], bool]) -> None:
+    """Poll the caller's own loop until ``cond()`` is false (``AIO_WAIT_WHILE``).
+
+    Tier: I/O or GS. From the main thread (any ``ctx``) or ``ctx``'s home thread, never from
+    a running loop: that would deadlock, so it raises :class:`DeadlockError` instead.
+    """
+    if not cond():
+        return
+    if _get_running_loop() is not None:
+        raise DeadlockError("aio_wait_while called from a running event loop (would deadlock)")
+    own = ctx if ctx.in_home_thread() else _poll_loop()
+    loop = own.loop
+    while cond():
+        fut = loop.create_future()
+        entry = (loop, fut)
+        with _waiters_lock:
+            _waiters.append(entry)
+        try:
+            if cond():  # re-check after registering, so a kick in between is not lost
+                loop.run_until_complete(asyncio.wait_for(fut, 1.0) if ctx is not own else fut)
+        except TimeoutError:
+            pass
+        finally:
+            with _waiters_lock:
+                _waiters.remove(entry)
+
+
+def _run_in_context(ctx: AioContext, coro: Coroutine[Any, Any, T], name: str) -> T:
+    """BDRV_POLL_WHILE for one coroutine: run it in ``ctx`` and wait for its result."""
+    if ctx.in_home_thread():
+        return ctx.loop.run_until_complete(coro)
+    if not qemu_in_main_thread():
+        coro.close()
+        raise DeadlockError(
+            f"{name}: node lives in {ctx.name}; only the main thread or that context's own "
+            f"thread may wait for it, not {threading.current_thread().name!r}"
+        )
+    if not ctx.loop.is_running():
+        coro.close()
+        raise DeadlockError(f"{name}: {ctx.name} is not running (stopped IOThread)")
+    cf = asyncio.run_coroutine_threadsafe(coro, ctx.loop)
+    main_loop = main_context().loop
+    return main_loop.run_until_complete(asyncio.wrap_future(cf, loop=main_loop))
+
+
+@api(Tier.GS)
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the main context and return its result (the entry point for async code
+    using the main context). Tier: GS."""
+    global_state_code("run")
+    return main_context().loop.run_until_complete(coro)
+
+
+def _context_of(first: Any) -> AioContext:
+    """AioContext chosen from a wrapper's first argument, as QEMU's wrapper generator does."""
+    bs = getattr(first, "bs", None)  # BdrvChild or BlockBackend root
+    if bs is None and hasattr(first, "aio_context"):
+        bs = first
+    return bs.aio_context if bs is not None else main_context()
+
+
+def co_wrapper(
+    co_fn: Callable[..., Awaitable[T]],
+    name: str,
+    *,
+    mixed: bool = False,
+    rdlock: bool = False,
+    tier: Tier = Tier.IO,
+) -> Callable[..., Any]:
+    """Make the sync function ``name`` from the coroutine function ``co_fn``.
+
+    Outside any event loop the wrapper runs ``co_fn`` in the AioContext of its first argument
+    (a node, a child edge or a backend) and waits for it, from the main thread or that
+    context's own thread. ``rdlock`` variants take the graph read lock around the call.
+    ``mixed`` wrappers called inside a coroutine on the node's loop return the coroutine for
+    the caller to ``await`` (Python cannot run it synchronously there); plain wrappers refuse
+    that call, since polling the loop from inside it would deadlock.
+    """
+
+    async def entry(*args: Any, **kwargs: Any) -> T:
+        if rdlock:
+            async with bdrv_graph_co_rdlock():
+                return await co_fn(*args, **kwargs)
+        return await co_fn(*args, **kwargs)
+
+    @functools.wraps(co_fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = _context_of(args[0]) if args else main_context()
+        loop = _get_running_loop()
+        if loop is not None:
+            if mixed and loop is ctx.loop and current_task(loop) is not None:
+                return co_fn(*args, **kwargs)
+            raise TierViolation(
+                f"{name} polls its event loop and cannot run inside one "
+                f"(called from thread {threading.current_thread().name!r}); "
+                f"await {co_fn.__name__} instead"
+            )
+        if tier is Tier.IO_OR_GS:
+            io_or_gs_code(name, getattr(args[0], "bs", args[0]) if args else None)
+        return _run_in_context(ctx, entry(*args, **kwargs), name)
+
+    wrapper.__name__ = name
+    wrapper.__qualname__ = name
+    wrapper.__doc__ = (
+        f"Sync wrapper of :func:`{co_fn.__name__}` ({'mixed' if mixed else 'co_wrapper'}"
+        f"{', graph read lock' if rdlock else ''}). Tier: {tier.value}.\n\n"
+        + (co_fn.__doc__ or "")
+    )
+    api(tier)(wrapper)
+    return wrapper
+
+
+# -------------------------------------------------------------------------------------------
+# Graph lock
+# -------------------------------------------------------------------------------------------
+
+_rdlock_depth: contextvars.ContextVar[int] = contextvars.ContextVar("graph_rdlock", default=0)
+_has_writer = False
+_writer_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+_contexts_with_readers: set[AioContext] = set()
+
+
+class bdrv_graph_co_rdlock:  # noqa: N801 (QEMU's name)
+    """``async with bdrv_graph_co_rdlock():`` — hold the graph read lock. Tier: I/O.
+
+    Many readers in any context; they wait while the main thread holds the write lock.
+    """
+
+    __slots__ = ("_ctx", "_token")
+
+    async def __aenter__(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = _ctx_by_loop.get(loop) or main_context()
+        while True:
+            ctx.graph_readers += 1
+            if not _has_writer:
+                break
+            ctx.graph_readers -= 1
+            aio_wait_kick()
+            fut = loop.create_future()
+            _writer_waiters.append((loop, fut))
+            if _has_writer:
+                await fut
+        _contexts_with_readers.add(ctx)
+        self._ctx = ctx
+        self._token = _rdlock_depth.set(_rdlock_depth.get() + 1)
+
+    async def __aexit__(self, *exc: object) -> None:
+        _rdlock_depth.reset(self._token)
+        self._ctx.graph_readers -= 1
+        if _has_writer:
+            aio_wait_kick()
+
+
+_ctx_by_loop: dict[asyncio.AbstractEventLoop, AioContext] = {}
+
+
+def register_context(ctx: AioContext) -> None:
+    """Make ``ctx`` known to the graph lock (done for every context that gets nodes)."""
+    _ctx_by_loop[ctx.loop] = ctx
+
+
+@api(Tier.COMMON)
+def assert_bdrv_graph_readable(fn_name: str) -> None:
+    """Raise TierViolation unless the caller holds the graph read lock (or is GS code)."""
+    if not _rdlock_depth.get() and _get_running_loop() is not None:
+        raise TierViolation(
+            f"{fn_name} needs the graph read lock (GRAPH_RDLOCK): take it with "
+            "'async with bdrv_graph_co_rdlock()' or call through a BlockBackend"
+        )
+
+
+@api(Tier.GS)
+def bdrv_graph_wrlock() -> None:
+    """Take the graph write lock: wait until no coroutine reads the graph. Tier: GS."""
+    global _has_writer
+    global_state_code("bdrv_graph_wrlock")
+    _has_writer = True
+    aio_wait_while(
+        main_context(), lambda: any(c.graph_readers > 0 for c in _contexts_with_readers)
+    )
+
+
+@api(Tier.GS)
+def bdrv_graph_wrunlock() -> None:
+    """Release the graph write lock and wake waiting readers. Tier: GS."""
+    global _has_writer
+    global_state_code("bdrv_graph_wrunlock")
+    _has_writer = False
+    waiters, _writer_waiters[:] = list(_writer_waiters), []
+    for loop, fut in waiters:
+        loop.call_soon_threadsafe(_wake, fut)
