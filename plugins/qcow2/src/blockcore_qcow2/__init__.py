@@ -1,0 +1,5 @@
+"""qcow2 image format driver for blockcore (entry point ``qcow2`` in ``blockcore.drivers``).
+
+Modules: ``format`` (on-disk layouts), ``cluster`` (offset helpers, L2 decoding), ``cache``
+(metadata table cache), ``refcount`` (refcounts, allocation, check), ``driver`` (the hooks).
+"""
