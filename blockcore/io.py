@@ -1,0 +1,855 @@
+"""The request path (QEMU's block/io.c): reads, writes, zero writes, discard, flush, truncate.
+
+Every public ``bdrv_co_*`` here takes an edge (:class:`~blockcore.graph.BdrvChild`) or a node,
+checks the request, counts it in flight, pads it to the node's ``request_alignment`` with
+read-modify-write, splits it at ``max_transfer``, serialises overlapping requests that must
+not interleave, emulates flags the driver lacks, and calls the driver. Drivers reach their
+own children through these same functions, so every layer gets the same guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from asyncio.events import _get_running_loop
+from typing import TYPE_CHECKING, Any
+
+from .aio import _waiters, aio_wait_kick, assert_bdrv_graph_readable, co_wrapper
+from .errors import BlockError, NoMediumError, NotSupportedError
+from .tiers import Tier, api, checks_enabled, io_code
+from .types import (
+    BDRV_MAX_LENGTH,
+    BDRV_REQUEST_MAX_BYTES,
+    MAX_BOUNCE_BUFFER,
+    BdrvRequestFlags,
+    Concurrency,
+    OpenFlags,
+    Perm,
+    PreallocMode,
+)
+from .util import aligned_buffer, is_zero, round_down, round_up
+
+if TYPE_CHECKING:
+    from .graph import BdrvChild, BlockDriverState
+
+F = BdrvRequestFlags
+_NONE = F.NONE
+_READ, _WRITE, _DISCARD, _TRUNCATE = "read", "write", "discard", "truncate"
+
+__all__ = [
+    "bdrv_co_flush",
+    "bdrv_co_getlength",
+    "bdrv_co_nb_sectors",
+    "bdrv_co_pdiscard",
+    "bdrv_co_pread",
+    "bdrv_co_preadv",
+    "bdrv_co_pwrite",
+    "bdrv_co_pwrite_sync",
+    "bdrv_co_pwrite_zeroes",
+    "bdrv_co_pwritev",
+    "bdrv_co_truncate",
+    "bdrv_flush",
+    "bdrv_getlength",
+    "bdrv_make_zero",
+    "bdrv_nb_sectors",
+    "bdrv_pdiscard",
+    "bdrv_pread",
+    "bdrv_pwrite",
+    "bdrv_pwrite_sync",
+    "bdrv_pwrite_zeroes",
+    "bdrv_truncate",
+]
+
+
+# -------------------------------------------------------------------------------------------
+# Tracked requests and serialisation
+# -------------------------------------------------------------------------------------------
+
+
+class TrackedRequest:
+    """A request in flight on a node, for overlap checks (QEMU's BdrvTrackedRequest)."""
+
+    __slots__ = ("bs", "offset", "length", "type", "serialising", "overlap_offset",
+                 "overlap_end", "waiters", "waiting_for")  # fmt: skip
+
+    def __init__(self, bs: BlockDriverState, offset: int, length: int, type_: str) -> None:
+        self.bs = bs
+        self.offset = offset
+        self.length = length
+        self.type = type_
+        self.serialising = False
+        self.overlap_offset = offset
+        self.overlap_end = offset + length
+        self.waiters: list[asyncio.Future[None]] | None = None
+        self.waiting_for: TrackedRequest | None = None
+        bs.tracked_requests.add(self)
+
+    def make_serialising(self, align: int) -> None:
+        """Widen the overlap range to ``align`` and make others wait for us (and us for them)."""
+        if not self.serialising:
+            self.serialising = True
+            self.bs.serialising_in_flight += 1
+        self.overlap_offset = min(self.overlap_offset, round_down(self.offset, align))
+        self.overlap_end = max(self.overlap_end, round_up(self.offset + self.length, align))
+
+    def end(self) -> None:
+        bs = self.bs
+        bs.tracked_requests.discard(self)
+        if self.serialising:
+            bs.serialising_in_flight -= 1
+        if self.waiters:
+            for fut in self.waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+
+async def _wait_serialising(req: TrackedRequest) -> None:
+    """Wait until no overlapping request conflicts with ``req`` (one of the two serialising)."""
+    bs = req.bs
+    while bs.serialising_in_flight:
+        for other in bs.tracked_requests:
+            if other is req or not (req.serialising or other.serialising):
+                continue
+            if other.overlap_offset < req.overlap_end and req.overlap_offset < other.overlap_end:
+                if other.waiting_for is not None:
+                    continue  # it waits (indirectly) for us: going on avoids a deadlock
+                fut = asyncio.get_running_loop().create_future()
+                if other.waiters is None:
+                    other.waiters = []
+                other.waiters.append(fut)
+                req.waiting_for = other
+                try:
+                    await fut
+                finally:
+                    req.waiting_for = None
+                break
+        else:
+            return
+
+
+# -------------------------------------------------------------------------------------------
+# Checks and driver calls
+# -------------------------------------------------------------------------------------------
+
+
+def _check_request(bs: BlockDriverState, offset: int, length: int, limit32: bool) -> None:
+    if offset < 0 or length < 0 or offset > BDRV_MAX_LENGTH or length > BDRV_MAX_LENGTH - offset:
+        raise BlockError(errno.EIO, f"request offset {offset} length {length} out of range",
+                         bs.node_name)  # fmt: skip
+    if limit32 and length > BDRV_REQUEST_MAX_BYTES:
+        raise BlockError(errno.EIO, f"request length {length} exceeds {BDRV_REQUEST_MAX_BYTES}",
+                         bs.node_name)  # fmt: skip
+
+
+def _enter(fn_name: str, bs: BlockDriverState) -> Any:
+    """Common entry checks of an I/O coroutine; returns the driver."""
+    if checks_enabled and _get_running_loop() is not bs.aio_context.loop:
+        io_code(fn_name, bs)
+    drv = bs.drv
+    if drv is None:
+        raise NoMediumError("no medium", bs.node_name)
+    return drv
+
+
+def _view(buf: Any, length: int) -> memoryview:
+    view = buf if type(buf) is memoryview else memoryview(buf)
+    if view.nbytes != length:
+        if view.nbytes < length:
+            raise BlockError(errno.EINVAL, f"buffer of {view.nbytes} bytes for {length}")
+        view = view.cast("B")[:length]
+    return view
+
+
+def _driver_lock(bs: BlockDriverState, drv: Any) -> asyncio.Lock | None:
+    mode = drv.descriptor.concurrency
+    if mode is Concurrency.PARALLEL:
+        return None
+    if mode is Concurrency.SERIALIZE_ALL:
+        locks = _driver_locks.setdefault(drv.name, {})
+        loop = asyncio.get_running_loop()
+        if loop not in locks:
+            locks[loop] = asyncio.Lock()
+        return locks[loop]
+    if bs.driver_lock is None:
+        bs.driver_lock = asyncio.Lock()
+    return bs.driver_lock
+
+
+_driver_locks: dict[str, dict[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+
+
+async def _call_driver(bs: BlockDriverState, fn: Any, *args: Any) -> Any:
+    """Call a driver hook under the concurrency rule its descriptor declares."""
+    lock = _driver_lock(bs, bs.drv)
+    if lock is None:
+        return await fn(bs, *args)
+    async with lock:
+        return await fn(bs, *args)
+
+
+async def bdrv_co_debug_event(bs: BlockDriverState | None, event: str) -> None:
+    """Send debug ``event`` to ``bs``'s driver (blkdebug acts on it). Tier: I/O.
+
+    NULL-safe like QEMU's BLKDBG_EVENT: ``bs`` may be None.
+    """
+    if bs is not None and bs.drv is not None and bs.drv.bdrv_co_debug_event is not None:
+        await bs.drv.bdrv_co_debug_event(bs, event)
+
+
+api(Tier.IO)(bdrv_co_debug_event)
+bdrv_debug_event = co_wrapper(bdrv_co_debug_event, "bdrv_debug_event", mixed=True)
+
+
+async def _driver_preadv(bs: BlockDriverState, offset: int, length: int, buf: memoryview,
+                         flags: F) -> None:  # fmt: skip
+    drv = bs.drv
+    if drv.bdrv_co_preadv is None:
+        raise NotSupportedError("driver cannot read", bs.node_name)
+    if drv.descriptor.concurrency is Concurrency.PARALLEL:
+        await drv.bdrv_co_preadv(bs, offset, length, buf, flags)
+    else:
+        await _call_driver(bs, drv.bdrv_co_preadv, offset, length, buf, flags)
+
+
+async def _driver_pwritev(bs: BlockDriverState, offset: int, length: int, buf: memoryview,
+                          flags: F) -> None:  # fmt: skip
+    drv = bs.drv
+    if flags & F.WRITE_COMPRESSED:
+        if drv.bdrv_co_pwritev_compressed is None:
+            raise NotSupportedError("compressed writes not supported", bs.node_name)
+        await _call_driver(bs, drv.bdrv_co_pwritev_compressed, offset, length, buf)
+        return
+    if drv.bdrv_co_pwritev is None:
+        raise NotSupportedError("driver cannot write", bs.node_name)
+    emulate_fua = flags & F.FUA and not bs.supported_write_flags & F.FUA
+    flags &= bs.supported_write_flags
+    if drv.descriptor.concurrency is Concurrency.PARALLEL:
+        await drv.bdrv_co_pwritev(bs, offset, length, buf, flags)
+    else:
+        await _call_driver(bs, drv.bdrv_co_pwritev, offset, length, buf, flags)
+    if emulate_fua:
+        await bdrv_co_flush(bs)
+
+
+# -------------------------------------------------------------------------------------------
+# Read
+# -------------------------------------------------------------------------------------------
+
+
+@api(Tier.IO)
+async def bdrv_co_preadv(
+    child: BdrvChild, offset: int, length: int, buf: Any, flags: F = _NONE
+) -> None:
+    """Read ``length`` bytes at ``offset`` of ``child``'s node into ``buf``. Tier: I/O.
+
+    Needs the graph read lock. Reads past the end of the node return zeros. The request is
+    padded to the node's alignment (through a bounce buffer) and split at ``max_transfer``.
+    """
+    bs = child.bs
+    drv = _enter("bdrv_co_preadv", bs)
+    assert_bdrv_graph_readable("bdrv_co_preadv")
+    if offset < 0 or length < 0 or length > BDRV_REQUEST_MAX_BYTES or offset > BDRV_MAX_LENGTH:
+        _check_request(bs, offset, length, True)
+    view = buf if type(buf) is memoryview and buf.nbytes == length else _view(buf, length)
+    if length == 0:
+        return
+    bs.in_flight += 1
+    req = TrackedRequest(bs, offset, length, _READ)
+    try:
+        if bs.copy_on_read:
+            flags |= F.COPY_ON_READ
+        align = bs.bl.request_alignment
+        if (offset | length) & (align - 1):
+            await _padded_preadv(child, req, offset, length, view, flags, align)
+            return
+        if bs.serialising_in_flight:
+            await _wait_serialising(req)
+        bl = bs.bl
+        end = offset + length
+        if (
+            not flags
+            and end <= bs.total_bytes
+            and (not bl.max_transfer or length <= bl.max_transfer)
+            and drv.descriptor.concurrency is Concurrency.PARALLEL
+        ):
+            await drv.bdrv_co_preadv(bs, offset, length, view, _NONE)  # the fast path
+        else:
+            await _aligned_preadv(child, req, offset, length, view, flags, align)
+    finally:
+        req.end()
+        bs.in_flight -= 1
+        if _waiters:
+            aio_wait_kick()
+
+
+async def _padded_preadv(child: BdrvChild, req: TrackedRequest, offset: int, length: int,
+                         view: memoryview, flags: F, align: int) -> None:  # fmt: skip
+    bs = child.bs
+    start = round_down(offset, align)
+    end = round_up(offset + length, align)
+    if bs.serialising_in_flight:
+        await _wait_serialising(req)
+    bounce = aligned_buffer(end - start, bs.bl.opt_mem_alignment)
+    await _aligned_preadv(child, req, start, end - start, bounce, flags, align)
+    view[:] = bounce[offset - start : offset - start + length]
+
+
+async def _aligned_preadv(child: BdrvChild, req: TrackedRequest, offset: int, length: int,
+                          view: memoryview, flags: F, align: int) -> None:  # fmt: skip
+    """bdrv_aligned_preadv: copy-on-read, EOF zero-fill and max_transfer splitting."""
+    bs = child.bs
+    if flags & F.COPY_ON_READ:
+        from .cor import copy_on_read
+
+        await copy_on_read(child, req, offset, length, view, flags)
+        return
+    flags &= F.PREFETCH
+    total = bs.total_bytes
+    max_bytes = round_up(max(0, total - offset), align)
+    max_transfer = bs.bl.max_transfer or BDRV_REQUEST_MAX_BYTES
+    max_transfer = round_down(min(max_transfer, BDRV_REQUEST_MAX_BYTES), align)
+    pos = 0
+    while pos < length:
+        num = length - pos
+        if pos >= max_bytes:
+            view[pos:] = bytes(num)  # beyond the end of the node: zeros
+            return
+        num = min(num, max_bytes - pos, max_transfer)
+        await _driver_preadv(bs, offset + pos, num, view[pos : pos + num], flags)
+        pos += num
+
+
+# -------------------------------------------------------------------------------------------
+# Write
+# -------------------------------------------------------------------------------------------
+
+
+@api(Tier.IO)
+async def bdrv_co_pwritev(
+    child: BdrvChild, offset: int, length: int, buf: Any, flags: F = _NONE
+) -> None:
+    """Write ``length`` bytes of ``buf`` at ``offset`` (``ZERO_WRITE``: zeros, ``buf`` None).
+
+    Tier: I/O. Needs the graph read lock. Unaligned edges are read, patched and written
+    back while overlapping requests wait. Writing past the end grows the node (the edge
+    must hold the resize permission).
+    """
+    bs = child.bs
+    drv = _enter("bdrv_co_pwritev", bs)
+    assert_bdrv_graph_readable("bdrv_co_pwritev")
+    _check_request(bs, offset, length, not flags & F.ZERO_WRITE)
+    _write_allowed(child, offset + length, flags)
+    align = bs.bl.request_alignment
+    unaligned = (offset | length) & (align - 1)
+    if flags & F.NO_FALLBACK and unaligned:
+        raise NotSupportedError("unaligned request with no fallback", bs.node_name)
+    if length == 0:
+        return
+    view = None if flags & F.ZERO_WRITE else _view(buf, length)
+    bs.in_flight += 1
+    req = TrackedRequest(bs, offset, length, _WRITE)
+    try:
+        if unaligned:
+            req.make_serialising(align)
+        if flags & F.SERIALISING:
+            req.make_serialising(await _cluster_size(bs))
+        if bs.serialising_in_flight:
+            await _wait_serialising(req)
+        if unaligned:
+            await _padded_pwritev(child, req, offset, length, view, flags, align)
+        else:
+            await _aligned_pwritev(child, req, offset, length, view, flags)
+    finally:
+        _write_finish(bs, offset, length, _WRITE)
+        req.end()
+        bs.in_flight -= 1
+        if _waiters:
+            aio_wait_kick()
+    del drv
+
+
+def _write_allowed(child: BdrvChild, end: int, flags: F) -> None:
+    bs = child.bs
+    if not bs.open_flags & OpenFlags.RDWR:
+        raise BlockError(errno.EPERM, "node is read-only", bs.filename or bs.node_name)
+    if bs.open_flags & OpenFlags.INACTIVE:
+        raise BlockError(errno.EPERM, "node is inactive", bs.node_name)
+    need = Perm.WRITE_UNCHANGED if flags & F.WRITE_UNCHANGED else Perm.WRITE
+    if not child.perm & (need | Perm.WRITE):
+        raise BlockError(errno.EPERM, f"edge {child.name!r} lacks the write permission",
+                         bs.node_name)  # fmt: skip
+    if end > bs.total_bytes and not child.perm & Perm.RESIZE:
+        raise BlockError(errno.EPERM, f"write past the end of {bs.node_name!r} needs the "
+                         "resize permission", bs.node_name)  # fmt: skip
+
+
+def _write_finish(bs: BlockDriverState, offset: int, length: int, type_: str) -> None:
+    """write_req_finish: generation counter, growth past the end, dirty bitmaps."""
+    bs.write_gen += 1
+    end = offset + length
+    if type_ == _WRITE and end > bs.total_bytes:
+        bs.total_bytes = round_up(end, 512)
+        for c in bs.parents:
+            c.parent.parent_resize()
+    for bitmap in bs.dirty_bitmaps:
+        bitmap.mark(offset, length)
+
+
+async def _cluster_size(bs: BlockDriverState) -> int:
+    from .info import bdrv_co_get_info
+
+    try:
+        return max((await bdrv_co_get_info(bs)).cluster_size, bs.bl.request_alignment)
+    except NotSupportedError:
+        return bs.bl.request_alignment
+
+
+async def _aligned_pwritev(child: BdrvChild, req: TrackedRequest, offset: int, length: int,
+                           view: memoryview | None, flags: F) -> None:  # fmt: skip
+    """bdrv_aligned_pwritev: detect-zeroes, zero writes, max_transfer splitting."""
+    bs = child.bs
+    drv = bs.drv
+    if (
+        view is not None
+        and bs.detect_zeroes != "off"
+        and drv.bdrv_co_pwrite_zeroes is not None
+        and not flags & F.WRITE_COMPRESSED
+        and is_zero(view)
+    ):
+        flags |= F.ZERO_WRITE
+        if bs.detect_zeroes == "unmap" and bs.open_flags & OpenFlags.UNMAP:
+            flags |= F.MAY_UNMAP
+    events = drv.bdrv_co_debug_event is not None
+    if flags & F.ZERO_WRITE:
+        if events:
+            await bdrv_co_debug_event(bs, "pwritev_zero")
+        await _do_pwrite_zeroes(bs, offset, length, flags)
+    else:
+        assert view is not None
+        if events:
+            await bdrv_co_debug_event(bs, "pwritev")
+        max_transfer = bs.bl.max_transfer or BDRV_REQUEST_MAX_BYTES
+        max_transfer = round_down(min(max_transfer, BDRV_REQUEST_MAX_BYTES),
+                                  bs.bl.request_alignment)  # fmt: skip
+        if length <= max_transfer:
+            await _driver_pwritev(bs, offset, length, view, flags)
+        else:
+            pos = 0
+            while pos < length:
+                num = min(length - pos, max_transfer)
+                last = pos + num == length
+                await _driver_pwritev(bs, offset + pos, num, view[pos : pos + num],
+                                      flags if last else flags & ~F.FUA)  # fmt: skip
+                pos += num
+    if events:
+        await bdrv_co_debug_event(bs, "pwritev_done")
+
+
+async def _padded_pwritev(child: BdrvChild, req: TrackedRequest, offset: int, length: int,
+                          view: memoryview | None, flags: F, align: int) -> None:  # fmt: skip
+    """Read-modify-write of the unaligned head and tail blocks (bdrv_co_do_zero_pwritev too)."""
+    bs = child.bs
+    end = offset + length
+    head_start = round_down(offset, align)
+    tail_end = round_up(end, align)
+    zero = bool(flags & F.ZERO_WRITE)
+    small = tail_end - head_start <= max(2 * align, 65536)
+    if small:
+        # one bounce buffer for the whole padded range
+        bounce = aligned_buffer(tail_end - head_start, bs.bl.opt_mem_alignment)
+        await bdrv_co_debug_event(bs, "pwritev_rmw_head")
+        await _aligned_preadv(child, req, head_start, align, bounce[:align], _NONE, align)
+        await bdrv_co_debug_event(bs, "pwritev_rmw_after_head")
+        if tail_end - align > head_start:
+            await bdrv_co_debug_event(bs, "pwritev_rmw_tail")
+            await _aligned_preadv(child, req, tail_end - align, align, bounce[-align:], _NONE,
+                                  align)  # fmt: skip
+            await bdrv_co_debug_event(bs, "pwritev_rmw_after_tail")
+        if zero:
+            bounce[offset - head_start : end - head_start] = bytes(length)
+        else:
+            bounce[offset - head_start : end - head_start] = view  # type: ignore[index]
+        wflags = flags & ~(F.ZERO_WRITE | F.MAY_UNMAP | F.NO_FALLBACK)
+        await _aligned_pwritev(child, req, head_start, tail_end - head_start, bounce, wflags)
+        return
+    # a large request: patch the two edge blocks, write the aligned middle in place
+    head_end = head_start + align if offset != head_start else offset
+    tail_start = tail_end - align if end != tail_end else end
+    if head_end != offset:
+        await _rmw_block(child, req, head_start, offset, view, 0, flags, align, "head")
+    if tail_start > head_end:
+        mid = None if zero else view[head_end - offset : tail_start - offset]  # type: ignore[index]
+        await _aligned_pwritev(child, req, head_end, tail_start - head_end, mid, flags)
+    if tail_start != end:
+        await _rmw_block(child, req, tail_start, tail_start, view, tail_start - offset, flags,
+                         align, "tail", end - tail_start)  # fmt: skip
+
+
+async def _rmw_block(child: BdrvChild, req: TrackedRequest, block: int, data_start: int,
+                     view: memoryview | None, view_pos: int, flags: F, align: int, which: str,
+                     data_len: int | None = None) -> None:  # fmt: skip
+    bs = child.bs
+    bounce = aligned_buffer(align, bs.bl.opt_mem_alignment)
+    await bdrv_co_debug_event(bs, f"pwritev_rmw_{which}")
+    await _aligned_preadv(child, req, block, align, bounce, _NONE, align)
+    await bdrv_co_debug_event(bs, f"pwritev_rmw_after_{which}")
+    start = data_start - block
+    n = data_len if data_len is not None else align - start
+    if view is None:
+        bounce[start : start + n] = bytes(n)
+    else:
+        bounce[start : start + n] = view[view_pos : view_pos + n]
+    wflags = flags & ~(F.ZERO_WRITE | F.MAY_UNMAP | F.NO_FALLBACK)
+    await _aligned_pwritev(child, req, block, align, bounce, wflags)
+
+
+# -------------------------------------------------------------------------------------------
+# Zero writes
+# -------------------------------------------------------------------------------------------
+
+
+@api(Tier.IO)
+async def bdrv_co_pwrite_zeroes(child: BdrvChild, offset: int, length: int, flags: F = _NONE
+                                ) -> None:  # fmt: skip
+    """Make a range read as zeros, using the driver's zero write where it has one. Tier: I/O.
+
+    ``MAY_UNMAP`` is dropped unless the node was opened with discard=unmap; ``NO_FALLBACK``
+    makes the request fail with "not supported" instead of writing zero buffers.
+    """
+    if not child.bs.open_flags & OpenFlags.UNMAP:
+        flags &= ~F.MAY_UNMAP
+    await bdrv_co_pwritev(child, offset, length, None, flags | F.ZERO_WRITE)
+
+
+async def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: F) -> None:
+    """bdrv_co_do_pwrite_zeroes: driver zero write in aligned pieces, else zero buffers."""
+    drv = bs.drv
+    if flags & F.NO_FALLBACK and not bs.supported_zero_flags & F.NO_FALLBACK:
+        if drv.bdrv_co_pwrite_zeroes is None:
+            raise NotSupportedError("zero writes without fallback not supported", bs.node_name)
+    bl = bs.bl
+    align = max(bl.pwrite_zeroes_alignment, bl.request_alignment)
+    max_zero = round_down(min(bl.max_pwrite_zeroes or 2**62, 2**62), align) or align
+    head = offset % align
+    tail = (offset + length) % align
+    fua_flush = False
+    bounce: memoryview | None = None
+    while length > 0:
+        num = length
+        if head:
+            num = min(length, align - head)
+            head = (head + num) % align
+        elif tail and num > align:
+            num -= tail
+        num = min(num, max_zero)
+        done = False
+        if drv.bdrv_co_pwrite_zeroes is not None:
+            zflags = flags & bs.supported_zero_flags & ~F.ZERO_WRITE
+            if flags & F.FUA and not bs.supported_zero_flags & F.FUA:
+                fua_flush = True
+            try:
+                await _call_driver(bs, drv.bdrv_co_pwrite_zeroes, offset, num, zflags)
+                done = True
+            except NotSupportedError:
+                if flags & F.NO_FALLBACK:
+                    raise
+        elif flags & F.NO_FALLBACK:
+            raise NotSupportedError("zero writes without fallback not supported", bs.node_name)
+        if not done:
+            chunk_max = min(bl.max_transfer or MAX_BOUNCE_BUFFER, MAX_BOUNCE_BUFFER)
+            chunk_max = max(round_down(chunk_max, bl.request_alignment), bl.request_alignment)
+            pos = 0
+            while pos < num:
+                n = min(num - pos, chunk_max)
+                if bounce is None or len(bounce) < n:
+                    bounce = aligned_buffer(min(num, chunk_max), bl.opt_mem_alignment)
+                await _driver_pwritev(bs, offset + pos, n, bounce[:n], flags & ~(
+                    F.ZERO_WRITE | F.MAY_UNMAP | F.NO_FALLBACK | F.FUA))  # fmt: skip
+                pos += n
+            if flags & F.FUA:
+                fua_flush = True
+        offset += num
+        length -= num
+    if fua_flush:
+        await bdrv_co_flush(bs)
+
+
+@api(Tier.IO)
+def bdrv_make_zero(child: BdrvChild, flags: F = _NONE) -> None:
+    """Zero the whole node, skipping ranges block status already reports as zero. Tier: I/O.
+
+    Sync: runs in the node's context and waits (QEMU's bdrv_make_zero loops over sync
+    calls); zeroes at most ``BDRV_REQUEST_MAX_BYTES`` per request.
+    """
+    from .status import bdrv_block_status
+
+    bs = child.bs
+    length = bdrv_getlength(bs)
+    offset = 0
+    while offset < length:
+        num = min(length - offset, BDRV_REQUEST_MAX_BYTES)
+        st = bdrv_block_status(bs, offset, num)
+        if not st.ret & 0x2:  # BDRV_BLOCK_ZERO
+            bdrv_pwrite_zeroes(child, offset, st.pnum, flags)
+        offset += st.pnum
+
+
+# -------------------------------------------------------------------------------------------
+# Discard, flush, truncate, length
+# -------------------------------------------------------------------------------------------
+
+
+@api(Tier.IO)
+async def bdrv_co_pdiscard(child: BdrvChild, offset: int, length: int) -> None:
+    """Discard a range (advisory). Tier: I/O.
+
+    A no-op on nodes not opened with discard=unmap or whose driver cannot discard;
+    refused on read-only nodes. Split at ``pdiscard_alignment`` and ``max_pdiscard``.
+    """
+    bs = child.bs
+    drv = _enter("bdrv_co_pdiscard", bs)
+    assert_bdrv_graph_readable("bdrv_co_pdiscard")
+    if not bs.open_flags & OpenFlags.RDWR:
+        raise BlockError(errno.EPERM, "node is read-only", bs.filename or bs.node_name)
+    _check_request(bs, offset, length, False)
+    if not bs.open_flags & OpenFlags.UNMAP or drv.bdrv_co_pdiscard is None or length == 0:
+        return
+    bl = bs.bl
+    align = max(bl.pdiscard_alignment, bl.request_alignment)
+    max_pdiscard = round_down(min(bl.max_pdiscard or 2**62, 2**62), align) or align
+    head = offset % align
+    tail = (offset + length) % align
+    bs.in_flight += 1
+    req = TrackedRequest(bs, offset, length, _DISCARD)
+    try:
+        if bs.serialising_in_flight:
+            await _wait_serialising(req)
+        _write_allowed(child, 0, _NONE)
+        pos, remaining = offset, length
+        while remaining > 0:
+            num = remaining
+            if head:
+                num = min(remaining, align - head)
+                if num % bl.request_alignment:
+                    num %= bl.request_alignment
+                head = (head + num) % align
+            elif tail:
+                if num > align:
+                    num -= tail
+                elif tail % bl.request_alignment and tail > bl.request_alignment:
+                    tail %= bl.request_alignment
+                    num -= tail
+            num = min(num, max_pdiscard)
+            try:
+                await _call_driver(bs, drv.bdrv_co_pdiscard, pos, num)
+            except NotSupportedError:
+                pass
+            pos += num
+            remaining -= num
+    finally:
+        _write_finish(bs, offset, length, _DISCARD)
+        req.end()
+        bs.in_flight -= 1
+        if _waiters:
+            aio_wait_kick()
+
+
+@api(Tier.IO)
+async def bdrv_co_flush(bs: BlockDriverState) -> None:
+    """Flush ``bs`` and the children it writes to. Tier: I/O.
+
+    ``flush_to_os`` always runs; ``flush_to_disk`` only when something was written since
+    the last flush and the node is not opened with cache.no-flush. A no-op on read-only
+    nodes. Flushes of one node run one at a time.
+    """
+    drv = _enter("bdrv_co_flush", bs)
+    if not bs.open_flags & OpenFlags.RDWR or bs.sg:
+        return
+    bs.in_flight += 1
+    try:
+        current_gen = bs.write_gen
+        if bs.flush_lock is None:
+            bs.flush_lock = asyncio.Lock()
+        async with bs.flush_lock:
+            if drv.bdrv_co_flush is not None:
+                await drv.bdrv_co_flush(bs)
+            else:
+                from .graph import bdrv_primary_child
+
+                primary = bdrv_primary_child(bs)
+                await bdrv_co_debug_event(primary.bs if primary else None, "flush_to_os")
+                if drv.bdrv_co_flush_to_os is not None:
+                    await drv.bdrv_co_flush_to_os(bs)
+                if not bs.open_flags & OpenFlags.NO_FLUSH and bs.flushed_gen != current_gen:
+                    await bdrv_co_debug_event(primary.bs if primary else None, "flush_to_disk")
+                    if drv.bdrv_co_flush_to_disk is not None:
+                        await drv.bdrv_co_flush_to_disk(bs)
+                for c in list(bs.children):
+                    if c.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
+                        await bdrv_co_flush(c.bs)
+            bs.flushed_gen = current_gen
+    finally:
+        bs.in_flight -= 1
+        if _waiters:
+            aio_wait_kick()
+
+
+@api(Tier.IO)
+async def bdrv_co_truncate(child: BdrvChild, offset: int, exact: bool = True,
+                           prealloc: PreallocMode = PreallocMode.OFF, flags: F = _NONE
+                           ) -> None:  # fmt: skip
+    """Resize ``child``'s node to ``offset`` bytes. Tier: I/O.
+
+    Growing a node whose backing file is longer than its old size zeroes the new tail, so
+    stale backing data does not show through. Preallocation is refused when shrinking.
+    """
+    from .graph import bdrv_cow_bs, bdrv_filter_child
+
+    bs = child.bs
+    drv = _enter("bdrv_co_truncate", bs)
+    assert_bdrv_graph_readable("bdrv_co_truncate")
+    if offset < 0:
+        raise BlockError(errno.EINVAL, "image size cannot be negative", bs.filename)
+    _check_request(bs, offset, 0, False)
+    old = await bdrv_co_getlength(bs)
+    if not bs.open_flags & OpenFlags.RDWR:
+        raise BlockError(errno.EACCES, "image is read-only", bs.filename or bs.node_name)
+    if offset < old and prealloc is not PreallocMode.OFF:
+        raise NotSupportedError("cannot use preallocation for shrinking files",
+                                bs.filename)  # fmt: skip
+    if not child.perm & Perm.RESIZE:
+        raise BlockError(errno.EPERM, f"edge {child.name!r} lacks the resize permission",
+                         bs.node_name)  # fmt: skip
+    bs.in_flight += 1
+    req = TrackedRequest(bs, min(old, offset), abs(offset - old), _TRUNCATE)
+    try:
+        if offset > old:
+            req.make_serialising(1)
+        if bs.serialising_in_flight:
+            await _wait_serialising(req)
+        backing = bdrv_cow_bs(bs)
+        if offset > old and backing is not None and backing.total_bytes > old:
+            flags |= F.ZERO_WRITE
+        if drv.bdrv_co_truncate is not None:
+            if flags & ~bs.supported_truncate_flags:
+                if flags & F.ZERO_WRITE and not bs.supported_truncate_flags & F.ZERO_WRITE:
+                    await _call_driver(bs, drv.bdrv_co_truncate, offset, exact, prealloc,
+                                       flags & ~F.ZERO_WRITE)  # fmt: skip
+                    bs.total_bytes = round_up(offset, 512)
+                    await _do_pwrite_zeroes(bs, old, offset - old, _NONE)
+                else:
+                    raise NotSupportedError("unsupported truncate flags", bs.node_name)
+            else:
+                await _call_driver(bs, drv.bdrv_co_truncate, offset, exact, prealloc, flags)
+        elif (filtered := bdrv_filter_child(bs)) is not None:
+            await bdrv_co_truncate(filtered, offset, exact, prealloc, flags)
+        else:
+            raise NotSupportedError("image format driver does not support resize",
+                                    bs.filename or bs.node_name)  # fmt: skip
+        bs.total_bytes = round_up(await bdrv_getlength_from_driver(bs), 512)
+        for bitmap in bs.dirty_bitmaps:
+            bitmap.resize(bs.total_bytes)
+    finally:
+        bs.write_gen += 1
+        req.end()
+        bs.in_flight -= 1
+        for c in bs.parents:
+            c.parent.parent_resize()
+        if _waiters:
+            aio_wait_kick()
+
+
+async def bdrv_getlength_from_driver(bs: BlockDriverState) -> int:
+    """The length the driver reports now (filters: their child's), not the cached one."""
+    from .graph import bdrv_filter_bs
+
+    drv = bs.drv
+    if drv is None:
+        raise NoMediumError("no medium", bs.node_name)
+    if drv.bdrv_co_getlength is not None:
+        return int(await drv.bdrv_co_getlength(bs))
+    filtered = bdrv_filter_bs(bs)
+    if filtered is not None:
+        return await bdrv_getlength_from_driver(filtered)
+    return bs.total_bytes
+
+
+def bdrv_getlength_uncached(bs: BlockDriverState) -> int:
+    """Sync: ask the driver for the node's length (used once at open)."""
+    from .aio import _run_in_context
+
+    return _run_in_context(bs.aio_context, bdrv_getlength_from_driver(bs), "bdrv_getlength")
+
+
+@api(Tier.IO)
+async def bdrv_co_getlength(bs: BlockDriverState) -> int:
+    """Length of the node in bytes (a multiple of 512). Tier: I/O.
+
+    Devices with variable length (CD-ROMs) are asked again each time.
+    """
+    _enter("bdrv_co_getlength", bs)
+    if bs.bl.has_variable_length:
+        bs.total_bytes = round_up(await bdrv_getlength_from_driver(bs), 512)
+    return bs.total_bytes
+
+
+@api(Tier.IO)
+async def bdrv_co_nb_sectors(bs: BlockDriverState) -> int:
+    """Length of the node in 512-byte sectors. Tier: I/O."""
+    return await bdrv_co_getlength(bs) // 512
+
+
+@api(Tier.IO)
+def bdrv_nb_sectors(bs: BlockDriverState) -> int:
+    """Length in sectors, without polling when the length is fixed (QEMU's hand-written
+    mixed function). Tier: I/O."""
+    if bs.drv is None:
+        raise NoMediumError("no medium", bs.node_name)
+    if bs.bl.has_variable_length:
+        return bdrv_getlength(bs) // 512
+    return bs.total_bytes // 512
+
+
+# -------------------------------------------------------------------------------------------
+# Convenience names and sync wrappers (generated, QEMU's co_wrapper_* declarations)
+# -------------------------------------------------------------------------------------------
+
+
+@api(Tier.IO)
+async def bdrv_co_pread(child: BdrvChild, offset: int, length: int, buf: Any,
+                        flags: F = _NONE) -> None:  # fmt: skip
+    """Read into a flat buffer (``bdrv_co_preadv`` without an I/O vector). Tier: I/O."""
+    await bdrv_co_preadv(child, offset, length, buf, flags)
+
+
+@api(Tier.IO)
+async def bdrv_co_pwrite(child: BdrvChild, offset: int, length: int, buf: Any,
+                         flags: F = _NONE) -> None:  # fmt: skip
+    """Write from a flat buffer. Tier: I/O."""
+    await bdrv_co_pwritev(child, offset, length, buf, flags)
+
+
+@api(Tier.IO)
+async def bdrv_co_pwrite_sync(child: BdrvChild, offset: int, length: int, buf: Any,
+                              flags: F = _NONE) -> None:  # fmt: skip
+    """Write, then flush the node: a write barrier. Tier: I/O."""
+    await bdrv_co_pwritev(child, offset, length, buf, flags)
+    await bdrv_co_flush(child.bs)
+
+
+async def _co_pdiscard_io(child: BdrvChild, offset: int, length: int) -> None:
+    await bdrv_co_pdiscard(child, offset, length)
+
+
+bdrv_pread = co_wrapper(bdrv_co_pread, "bdrv_pread", mixed=True, rdlock=True)
+bdrv_pwrite = co_wrapper(bdrv_co_pwrite, "bdrv_pwrite", mixed=True, rdlock=True)
+bdrv_pwrite_sync = co_wrapper(bdrv_co_pwrite_sync, "bdrv_pwrite_sync", mixed=True, rdlock=True)
+bdrv_pwrite_zeroes = co_wrapper(bdrv_co_pwrite_zeroes, "bdrv_pwrite_zeroes", mixed=True,
+                                rdlock=True)  # fmt: skip
+bdrv_getlength = co_wrapper(bdrv_co_getlength, "bdrv_getlength", mixed=True, rdlock=True)
+bdrv_flush = co_wrapper(bdrv_co_flush, "bdrv_flush", mixed=True, rdlock=True,
+                        tier=Tier.IO_OR_GS)  # fmt: skip
+bdrv_pdiscard = co_wrapper(bdrv_co_pdiscard, "bdrv_pdiscard", mixed=True, rdlock=True,
+                           tier=Tier.IO_OR_GS)  # fmt: skip
+bdrv_truncate = co_wrapper(bdrv_co_truncate, "bdrv_truncate", mixed=True, rdlock=True,
+                           tier=Tier.IO_OR_GS)  # fmt: skip
