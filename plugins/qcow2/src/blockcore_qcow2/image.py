@@ -1,0 +1,695 @@
+"""The qcow2 engine: guest offset mapping, reads, allocating writes, zeroing, discard.
+
+Independent of the node graph: it talks to its storage through :class:`cache.ImageFile`
+adapters, so the driver hooks stay thin and tests can run it on an in-memory file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import struct
+import zlib
+from collections.abc import Awaitable, Callable
+
+import attrs
+import zstandard
+
+from blockcore.errors import BlockError, ImageCorruptError, NotSupportedError
+from blockcore.util import aligned_buffer
+
+from .cache import ImageFile, TableCache
+from .cluster import Geometry, SubclusterType, cluster_type, subcluster_run
+from .cluster import ClusterType as CT
+from .cluster import SubclusterType as ST
+from .format import (
+    L1E_OFFSET_MASK,
+    L1E_RESERVED_MASK,
+    L2_BITMAP_ALL_ALLOC,
+    L2_BITMAP_ALL_ZERO,
+    L2E_COMPRESSED_OFFSET_SIZE_MASK,
+    L2E_OFFSET_MASK,
+    L2E_STD_RESERVED_MASK,
+    MAX_L1_SIZE,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    Compat,
+    CompressionType,
+    Incompat,
+    QCowHeader,
+    decode_compressed,
+)
+from .refcount import Refcounts
+
+#: Reads the backing file: (guest offset, buffer) -> None; zero-filled past its end.
+BackingReader = Callable[[int, memoryview], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class Run:
+    """A stretch of guest bytes with one mapping type (qcow2_get_host_offset's answer)."""
+
+    type: SubclusterType
+    length: int
+    host: int = 0
+    """Host offset of the first byte (NORMAL/ZERO_ALLOC/UNALLOCATED_ALLOC); for COMPRESSED
+    the raw L2 entry."""
+
+
+class Qcow2Image:
+    """One open qcow2 image. Metadata is guarded by ``lock`` (QEMU's s->lock)."""
+
+    def __init__(self, file: ImageFile, header: QCowHeader, l1: list[int],
+                 refcounts: Refcounts, *, data_file: ImageFile | None = None,
+                 read_only: bool = True, l2_cache_tables: int = 32,
+                 lazy_refcounts: bool = False, discard_request: bool = False,
+                 discard_other: bool = False) -> None:  # fmt: skip
+        self.file = file
+        self.data = data_file or file
+        self.has_data_file = data_file is not None
+        self.header = header
+        self.geo = Geometry.from_header(header, self.has_data_file)
+        self.l1 = l1
+        self.refcounts = refcounts
+        self.read_only = read_only
+        cs = self.geo.cluster_size
+        self.l2_cache = TableCache(file, cs, l2_cache_tables, "l2", "l2_load", "l2_update")
+        self.lock = asyncio.Lock()
+        self.backing: BackingReader | None = None
+        self.lazy_refcounts = lazy_refcounts
+        self.discard_request = discard_request
+        self.discard_other = discard_other
+        self.corrupt = bool(header.incompatible_features & Incompat.CORRUPT)
+        self.dirty = bool(header.incompatible_features & Incompat.DIRTY)
+        self._zstd_d: zstandard.ZstdDecompressor | None = None
+
+    # ================================================================== open / header
+
+    @classmethod
+    async def open(cls, file: ImageFile, *, data_file: ImageFile | None = None,
+                   read_only: bool = True, l2_cache_tables: int = 32,
+                   refcount_cache_tables: int = 8, lazy_refcounts: bool | None = None,
+                   discard_request: bool = False, discard_other: bool = False,
+                   header: QCowHeader | None = None) -> Qcow2Image:  # fmt: skip
+        if header is None:
+            header = await read_header(file)
+        if header.l1_size * 8 > MAX_L1_SIZE:
+            raise BlockError(errno.EFBIG, f"L1 table of {header.l1_size} entries too large",
+                             file.name)  # fmt: skip
+        buf = bytearray(header.l1_size * 8)
+        if buf:
+            await file.pread(header.l1_table_offset, memoryview(buf))
+        l1 = list(struct.unpack(f">{header.l1_size}Q", buf))
+        image: Qcow2Image | None = None
+
+        async def set_table(offset: int, clusters: int) -> None:
+            assert image is not None
+            await image.write_header(attrs.evolve(
+                image.header, refcount_table_offset=offset, refcount_table_clusters=clusters))
+
+        refcounts = await Refcounts.load(
+            file, header.cluster_bits, header.refcount_order, header.refcount_table_offset,
+            header.refcount_table_clusters, refcount_cache_tables, set_table,
+        )
+        if lazy_refcounts is None:
+            lazy_refcounts = bool(header.compatible_features & Compat.LAZY_REFCOUNTS)
+        image = cls(file, header, l1, refcounts, data_file=data_file, read_only=read_only,
+                    l2_cache_tables=l2_cache_tables, lazy_refcounts=lazy_refcounts,
+                    discard_request=discard_request, discard_other=discard_other)  # fmt: skip
+        return image
+
+    async def write_header(self, header: QCowHeader) -> None:
+        """Write cluster 0's header part and make it current."""
+        data = header.pack()
+        await self.file.pwrite(0, data)
+        await self.file.flush()
+        self.header = header
+
+    async def set_incompat(self, bit: int, on: bool) -> None:
+        feats = self.header.incompatible_features
+        new = feats | bit if on else feats & ~bit
+        if new != feats:
+            await self.write_header(attrs.evolve(self.header, incompatible_features=new))
+
+    async def mark_corrupt(self, why: str) -> ImageCorruptError:
+        """Set the corrupt bit (when writable) and return the error to raise."""
+        if not self.read_only and not self.corrupt:
+            self.corrupt = True
+            try:
+                await self.set_incompat(Incompat.CORRUPT, True)
+            except OSError:
+                pass
+        return ImageCorruptError(f"{why}; further writes are refused (image marked corrupt)",
+                                 self.file.name)  # fmt: skip
+
+    async def flush_metadata(self) -> None:
+        """Write back every cached table, refcounts before the L2 tables that need them."""
+        if self.lazy_refcounts and self.dirty:
+            await self.l2_cache.flush()
+            return
+        await self.l2_cache.flush()
+        await self.refcounts.flush()
+
+    async def close(self) -> None:
+        """Clean shutdown: write everything and clear the dirty bit (lazy refcounts)."""
+        if self.read_only:
+            return
+        await self.l2_cache.flush()
+        await self.refcounts.flush()
+        if self.dirty:
+            await self.file.flush()
+            await self.set_incompat(Incompat.DIRTY, False)
+            self.dirty = False
+
+    # ================================================================== mapping
+
+    def _entry(self, l2: bytearray, index: int) -> tuple[int, int]:
+        pos = index * self.geo.l2_entry_size
+        if self.geo.extended_l2:
+            entry, bitmap = struct.unpack_from(">QQ", l2, pos)
+            return entry, bitmap
+        return struct.unpack_from(">Q", l2, pos)[0], 0
+
+    def _set_entry(self, l2: bytearray, index: int, entry: int, bitmap: int = 0) -> None:
+        pos = index * self.geo.l2_entry_size
+        if self.geo.extended_l2:
+            struct.pack_into(">QQ", l2, pos, entry, bitmap)
+        else:
+            struct.pack_into(">Q", l2, pos, entry)
+
+    async def _l2_table(self, l1_index: int) -> tuple[int, bytearray | None]:
+        if l1_index >= len(self.l1):
+            return 0, None
+        e = self.l1[l1_index]
+        if e & L1E_RESERVED_MASK:
+            raise await self.mark_corrupt(f"L1 entry {l1_index} has reserved bits set ({e:#x})")
+        off = e & L1E_OFFSET_MASK
+        if not off:
+            return 0, None
+        if off & (self.geo.cluster_size - 1) or off < self.geo.cluster_size:
+            raise await self.mark_corrupt(f"L2 table offset {off:#x} invalid (L1 entry {l1_index})")
+        return off, await self.l2_cache.get(off)
+
+    async def lookup(self, offset: int, length: int) -> Run:
+        """Map guest ``offset``: the type of its (sub)cluster and how many bytes from it,
+        up to ``length``, share the type with contiguous host offsets."""
+        geo = self.geo
+        cs = geo.cluster_size
+        l1i = geo.offset_to_l1_index(offset)
+        span_end = (l1i + 1) * geo.l1_entry_span()
+        length = min(length, span_end - offset)
+        l2off, l2 = await self._l2_table(l1i)
+        if l2 is None:
+            return Run(ST.UNALLOCATED_PLAIN, length)
+        idx = geo.offset_to_l2_index(offset)
+        in_cluster = geo.offset_into_cluster(offset)
+        sc = geo.offset_to_sc_index(offset)
+        entry, bitmap = self._entry(l2, idx)
+        stype, nsc = subcluster_run(entry, bitmap, sc, geo)
+        await self._validate(stype, entry, offset)
+        if stype is ST.COMPRESSED:
+            return Run(stype, min(length, cs - in_cluster), entry)
+        mapped = stype in (ST.NORMAL, ST.ZERO_ALLOC, ST.UNALLOCATED_ALLOC)
+        guest_cluster = offset - in_cluster
+
+        def host_of(e: int, k: int) -> int:
+            # With an external data file, host offset == guest offset.
+            h = e & L2E_OFFSET_MASK
+            return h if h or not self.has_data_file else guest_cluster + k * cs
+
+        base = host_of(entry, 0) if mapped else 0
+        run_len = (sc + nsc) * geo.subcluster_size - in_cluster
+        # Extend over following clusters of the same type (and contiguous host clusters).
+        k = 0
+        if sc + nsc == geo.subclusters_per_cluster:
+            while run_len < length and idx + 1 < geo.l2_size:
+                idx += 1
+                k += 1
+                e2, b2 = self._entry(l2, idx)
+                t2, n2 = subcluster_run(e2, b2, 0, geo)
+                if t2 is not stype or (mapped and host_of(e2, k) != base + k * cs):
+                    break
+                await self._validate(t2, e2, guest_cluster + k * cs)
+                run_len += n2 * geo.subcluster_size
+                if n2 != geo.subclusters_per_cluster:
+                    break
+        host = base + in_cluster if mapped else 0
+        return Run(stype, min(run_len, length), host)
+
+    async def _validate(self, stype: SubclusterType, entry: int, offset: int) -> None:
+        if stype is ST.INVALID:
+            raise await self.mark_corrupt(f"invalid subcluster bitmap for guest offset {offset:#x}")
+        if stype is ST.COMPRESSED:
+            if self.has_data_file:
+                raise await self.mark_corrupt("compressed cluster in an image with a data file")
+            return
+        if entry & L2E_STD_RESERVED_MASK and not (entry & OFLAG_ZERO and not self.geo.extended_l2
+                                                  and not entry & ~OFLAG_ZERO & L2E_STD_RESERVED_MASK):
+            raise await self.mark_corrupt(
+                f"L2 entry {entry:#x} for guest offset {offset:#x} has reserved bits set")
+        host = entry & L2E_OFFSET_MASK
+        if host and (host & (self.geo.cluster_size - 1) or (not self.has_data_file and
+                                                              host < self.geo.cluster_size)):
+            raise await self.mark_corrupt(
+                f"cluster offset {host:#x} for guest offset {offset:#x} is invalid")
+
+    # ================================================================== read
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        """Read guest bytes; the range may pass the virtual size only up to the node end."""
+        pos, end = 0, len(buf)
+        while pos < end:
+            async with self.lock:
+                run = await self.lookup(offset + pos, end - pos)
+            piece = buf[pos : pos + run.length]
+            await self._read_run(offset + pos, run, piece)
+            pos += run.length
+
+    async def _read_run(self, offset: int, run: Run, piece: memoryview) -> None:
+        t = run.type
+        if t is ST.NORMAL:
+            await self.file.event("read_aio")
+            await self.data.pread(run.host, piece)
+        elif t in (ST.ZERO_PLAIN, ST.ZERO_ALLOC):
+            piece[:] = bytes(len(piece))
+        elif t is ST.COMPRESSED:
+            await self.file.event("read_compressed")
+            cluster = await self.read_compressed(run.host)
+            start = self.geo.offset_into_cluster(offset)
+            piece[:] = cluster[start : start + len(piece)]
+        elif self.backing is not None:
+            await self.file.event("read_backing_aio")
+            await self.backing(offset, piece)
+        else:
+            piece[:] = bytes(len(piece))
+
+    async def read_compressed(self, entry: int) -> bytes:
+        cs = self.geo.cluster_size
+        coff, csize = decode_compressed(entry & L2E_COMPRESSED_OFFSET_SIZE_MASK,
+                                        self.geo.cluster_bits)  # fmt: skip
+        flen = await self.file.getlength()
+        csize = min(csize, max(0, flen - coff))
+        if csize <= 0:
+            raise await self.mark_corrupt(f"compressed cluster at {coff:#x} beyond end of file")
+        raw = bytearray(csize)
+        await self.file.pread(coff, memoryview(raw))
+        try:
+            if self.header.compression_type == CompressionType.ZSTD:
+                if self._zstd_d is None:
+                    self._zstd_d = zstandard.ZstdDecompressor()
+                out = bytearray()
+                obj = self._zstd_d.decompressobj()
+                data = bytes(raw)
+                while len(out) < cs and data:
+                    out += obj.decompress(data)
+                    data = obj.unused_data
+                    if len(out) < cs and data:
+                        obj = self._zstd_d.decompressobj()
+            else:
+                d = zlib.decompressobj(-12)
+                out = bytearray(d.decompress(bytes(raw), cs))
+        except (zlib.error, zstandard.ZstdError) as exc:
+            raise BlockError(errno.EIO, f"compressed cluster at {coff:#x} is damaged: {exc}",
+                             self.file.name) from None  # fmt: skip
+        if len(out) < cs:
+            raise BlockError(errno.EIO, f"compressed cluster at {coff:#x} decompressed to "
+                             f"{len(out)} of {cs} bytes", self.file.name)  # fmt: skip
+        return bytes(out[:cs])
+
+    # ================================================================== write helpers
+
+    async def ensure_writable(self) -> None:
+        if self.read_only:
+            raise BlockError(errno.EACCES, "image is opened read-only", self.file.name)
+        if self.corrupt:
+            raise ImageCorruptError("image is marked corrupt; repair it with check -r all",
+                                    self.file.name)  # fmt: skip
+        if self.lazy_refcounts and not self.dirty:
+            await self.set_incompat(Incompat.DIRTY, True)
+            self.dirty = True
+
+    async def _link_dependency(self) -> None:
+        """L2 updates about to point at freshly counted clusters: refcounts go first."""
+        if not (self.lazy_refcounts and self.dirty):
+            await self.l2_cache.set_dependency(self.refcounts.cache)
+
+    async def _free_dependency(self) -> None:
+        """Refcount decreases about to follow an L2 update: the L2 table goes first."""
+        if not (self.lazy_refcounts and self.dirty):
+            await self.refcounts.cache.set_dependency(self.l2_cache)
+
+    async def _write_l1_entry(self, index: int) -> None:
+        await self.file.event("l1_update")
+        await self.file.pwrite(self.header.l1_table_offset + 8 * index,
+                               struct.pack(">Q", self.l1[index]))  # fmt: skip
+
+    async def _l2_for_write(self, l1_index: int) -> tuple[int, bytearray]:
+        """The L2 table for ``l1_index``, allocated (or copied when shared) as needed."""
+        if l1_index >= len(self.l1):
+            await self.grow_l1(l1_index + 1)
+        off, table = await self._l2_table(l1_index)
+        if table is not None and self.l1[l1_index] & OFLAG_COPIED:
+            return off, table
+        await self.file.event("l2_alloc_cow_read" if table is not None else "l2_alloc_write")
+        new = await self.refcounts.alloc_clusters(1)
+        new_table = await self.l2_cache.get(new, load=False)
+        new_table[:] = table if table is not None else bytes(self.geo.cluster_size)
+        self.l2_cache.mark_dirty(new)
+        await self._link_dependency()
+        # The new table (and its refcount) reach the file before the L1 entry naming it.
+        await self.l2_cache.flush()
+        self.l1[l1_index] = new | OFLAG_COPIED
+        await self._write_l1_entry(l1_index)
+        if off:
+            await self.file.flush()
+            await self.refcounts.update(off, self.geo.cluster_size, -1)
+        return new, new_table
+
+    async def _free_entry(self, entry: int, bitmap: int) -> None:
+        """Drop the reference an old L2 entry held (mirrors qcow2_free_any_cluster)."""
+        ctype = cluster_type(entry, self.geo)
+        if ctype is CT.COMPRESSED:
+            coff, csize = decode_compressed(entry & L2E_COMPRESSED_OFFSET_SIZE_MASK,
+                                            self.geo.cluster_bits)  # fmt: skip
+            await self._free_dependency()
+            await self.file.event("cluster_free")
+            await self.refcounts.update(coff, csize, -1)
+            return
+        host = entry & L2E_OFFSET_MASK
+        if host and not self.has_data_file and ctype in (CT.NORMAL, CT.ZERO_ALLOC):
+            await self._free_dependency()
+            await self.file.event("cluster_free")
+            await self.refcounts.update(host, self.geo.cluster_size, -1)
+            if self.discard_other and await self.refcounts.get(host >> self.geo.cluster_bits) == 0:
+                try:
+                    await self.file.discard(host, self.geo.cluster_size)
+                except OSError:
+                    pass
+
+    async def _current(self, offset: int, buf: memoryview) -> None:
+        """Read guest content with the lock already held (COW source)."""
+        pos = 0
+        while pos < len(buf):
+            run = await self.lookup(offset + pos, len(buf) - pos)
+            await self._read_run(offset + pos, run, buf[pos : pos + run.length])
+            pos += run.length
+
+    # ================================================================== write
+
+    async def write(self, offset: int, buf: memoryview) -> None:
+        async with self.lock:
+            await self.ensure_writable()
+            await self.file.event("pwritev")
+            pos, end = offset, offset + len(buf)
+            geo = self.geo
+            while pos < end:
+                l1i = geo.offset_to_l1_index(pos)
+                stop = min(end, (l1i + 1) * geo.l1_entry_span())
+                l2off, l2 = await self._l2_for_write(l1i)
+                while pos < stop:
+                    pos = await self._write_some(l2off, l2, pos, stop, offset, buf)
+
+    def _inplace(self, entry: int) -> bool:
+        return cluster_type(entry, self.geo) is CT.NORMAL and bool(entry & OFLAG_COPIED)
+
+    async def _write_some(self, l2off: int, l2: bytearray, pos: int, stop: int,
+                          offset: int, buf: memoryview) -> int:  # fmt: skip
+        """Write from guest ``pos`` a run of clusters that are all writable in place or all
+        need allocation; return where it stopped."""
+        geo = self.geo
+        cs = geo.cluster_size
+        idx = geo.offset_to_l2_index(pos)
+        entry, bitmap = self._entry(l2, idx)
+        inplace = self._inplace(entry)
+        host0 = self._host(entry, pos)
+        n = 1
+        while pos - geo.offset_into_cluster(pos) + n * cs < stop and idx + n < geo.l2_size:
+            e2, _ = self._entry(l2, idx + n)
+            if self._inplace(e2) != inplace:
+                break
+            if inplace and self._host(e2, pos + n * cs) != host0 + n * cs:
+                break
+            if not inplace and n >= 256:
+                break
+            n += 1
+        run_end = min(stop, pos - geo.offset_into_cluster(pos) + n * cs)
+        data = buf[pos - offset : run_end - offset]
+        if inplace:
+            if geo.extended_l2:
+                await self._write_inplace_ext(l2off, l2, pos, data)
+            else:
+                await self.file.event("write_aio")
+                await self.data.pwrite(host0 + geo.offset_into_cluster(pos), data)
+            return run_end
+        await self._write_alloc(l2off, l2, pos, data, n)
+        return run_end
+
+    def _host(self, entry: int, guest: int) -> int:
+        h = entry & L2E_OFFSET_MASK
+        if not h and self.has_data_file:
+            return self.geo.start_of_cluster(guest)
+        return h
+
+    async def _write_inplace_ext(self, l2off: int, l2: bytearray, pos: int,
+                                 data: memoryview) -> None:  # fmt: skip
+        """Extended L2, allocated clusters: widen to subcluster bounds (copying what the
+        subclusters read as now), write, then mark the subclusters allocated."""
+        geo = self.geo
+        ss = geo.subcluster_size
+        end = pos + len(data)
+        cstart = geo.start_of_cluster(pos)
+        while pos < end:
+            cend = min(end, geo.start_of_cluster(pos) + geo.cluster_size)
+            idx = geo.offset_to_l2_index(pos)
+            entry, bitmap = self._entry(l2, idx)
+            host = self._host(entry, pos)
+            a = pos - pos % ss
+            b = -(-cend // ss) * ss
+            wide = aligned_buffer(b - a)
+            if a < pos:
+                await self._current(a, wide[: pos - a])
+            if cend < b:
+                await self._current(cend, wide[cend - a :])
+            wide[pos - a : cend - a] = data[pos - (end - len(data)) : cend - (end - len(data))]
+            await self.file.event("write_aio")
+            await self.data.pwrite(host + geo.offset_into_cluster(a), wide)
+            first = geo.offset_to_sc_index(a)
+            count = (b - a) // ss
+            mask = ((1 << count) - 1) << first
+            new_bitmap = (bitmap | mask) & ~(mask << 32)
+            if new_bitmap != bitmap:
+                self._set_entry(l2, idx, entry, new_bitmap)
+                self.l2_cache.mark_dirty(l2off)
+            pos = cend
+        del cstart
+
+    async def _write_alloc(self, l2off: int, l2: bytearray, pos: int, data: memoryview,
+                           n: int) -> None:  # fmt: skip
+        """Allocate ``n`` new clusters, fill them with COW data around ``data``, then point
+        the L2 entries at them and drop the old references (qcow2_alloc_cluster_link_l2)."""
+        geo = self.geo
+        cs = geo.cluster_size
+        cstart = geo.start_of_cluster(pos)
+        end = pos + len(data)
+        cend = cstart + n * cs
+        idx = geo.offset_to_l2_index(pos)
+        if self.has_data_file:
+            new = cstart
+        else:
+            new = await self.refcounts.alloc_clusters(n)
+            if new < cs:
+                raise await self.mark_corrupt("allocation returned the header cluster")
+        whole = pos == cstart and end == cend
+        if whole:
+            out = data
+        else:
+            outbuf = aligned_buffer(cend - cstart)
+            if pos > cstart:
+                await self.file.event("cow_read")
+                await self._current(cstart, outbuf[: pos - cstart])
+            if end < cend:
+                await self.file.event("cow_read")
+                await self._current(end, outbuf[end - cstart :])
+            outbuf[pos - cstart : end - cstart] = data
+            out = outbuf
+            await self.file.event("cow_write")
+        await self.file.event("write_aio")
+        await self.data.pwrite(new, out)
+        await self._link_dependency()
+        old = []
+        for k in range(n):
+            entry, bitmap = self._entry(l2, idx + k)
+            old.append((entry, bitmap))
+            self._set_entry(l2, idx + k, (new + k * cs) | OFLAG_COPIED,
+                            L2_BITMAP_ALL_ALLOC if geo.extended_l2 else 0)  # fmt: skip
+        self.l2_cache.mark_dirty(l2off)
+        for entry, bitmap in old:
+            await self._free_entry(entry, bitmap)
+
+    # ================================================================== zero / discard
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """Make whole (sub)clusters read as zero in metadata (qcow2_co_pwrite_zeroes).
+
+        Partial clusters that already read as zero succeed; other partial ones and v2
+        images with a backing file raise NotSupportedError so the core writes zeros.
+        """
+        geo = self.geo
+        unit = geo.subcluster_size
+        async with self.lock:
+            await self.ensure_writable()
+            if offset % unit or length % unit:
+                if await self._reads_as_zero(offset, length):
+                    return
+                raise NotSupportedError("zero write not aligned to (sub)clusters",
+                                        self.file.name)  # fmt: skip
+            if self.header.version < 3 and self.backing is not None:
+                raise NotSupportedError("v2 image with backing file: no zero clusters",
+                                        self.file.name)  # fmt: skip
+            await self.file.event("pwritev_zero")
+            await self._zero_or_discard(offset, length, unmap=unmap, discard=False)
+
+    async def _reads_as_zero(self, offset: int, length: int) -> bool:
+        pos, end = offset, offset + length
+        while pos < end:
+            run = await self.lookup(pos, end - pos)
+            if run.type in (ST.ZERO_PLAIN, ST.ZERO_ALLOC):
+                pass
+            elif run.type in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC) and self.backing is None:
+                pass
+            else:
+                return False
+            pos += run.length
+        return True
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Free whole clusters; v3 (or a backing file) leaves them reading as zero."""
+        geo = self.geo
+        cs = geo.cluster_size
+        a = -(-offset // cs) * cs
+        b = (offset + length) // cs * cs
+        if offset + length >= self.header.size:
+            b = -(-self.header.size // cs) * cs  # the last partial cluster counts as whole
+        if a >= b:
+            return
+        async with self.lock:
+            await self.ensure_writable()
+            await self._zero_or_discard(a, b - a, unmap=True, discard=True)
+
+    async def _zero_or_discard(self, offset: int, length: int, *, unmap: bool,
+                               discard: bool) -> None:  # fmt: skip
+        geo = self.geo
+        cs = geo.cluster_size
+        ss = geo.subcluster_size
+        v3 = self.header.version >= 3
+        pos, end = offset, offset + length
+        while pos < end:
+            l1i = geo.offset_to_l1_index(pos)
+            if discard and (l1i >= len(self.l1) or not self.l1[l1i] & L1E_OFFSET_MASK):
+                if not v3 or self.backing is None:
+                    pos = min(end, (l1i + 1) * geo.l1_entry_span())
+                    continue
+            l2off, l2 = await self._l2_for_write(l1i)
+            stop = min(end, (l1i + 1) * geo.l1_entry_span())
+            while pos < stop:
+                idx = geo.offset_to_l2_index(pos)
+                entry, bitmap = self._entry(l2, idx)
+                cstart = geo.start_of_cluster(pos)
+                cend = min(stop, cstart + cs)
+                full = pos == cstart and cend == cstart + cs
+                ctype = cluster_type(entry, geo)
+                if geo.extended_l2 and not full:
+                    # Subcluster-granular zeroing inside one cluster.
+                    first = geo.offset_to_sc_index(pos)
+                    count = (cend - pos) // ss
+                    mask = ((1 << count) - 1) << first
+                    if ctype is CT.COMPRESSED:
+                        raise NotSupportedError("partial zero write on a compressed cluster",
+                                                self.file.name)  # fmt: skip
+                    new_bitmap = (bitmap & ~mask) | (mask << 32)
+                    self._set_entry(l2, idx, entry, new_bitmap)
+                    self.l2_cache.mark_dirty(l2off)
+                    pos = cend
+                    continue
+                keep = ctype is CT.NORMAL and not unmap and not self.has_data_file
+                keep = keep or ctype is CT.ZERO_ALLOC and not unmap
+                keep = keep or (self.has_data_file and ctype is CT.NORMAL)
+                if discard and not (v3 and (self.backing is not None or ctype is not CT.UNALLOCATED)):
+                    new_entry, new_bitmap = 0, 0  # v2, or nothing to hide: unallocated
+                elif geo.extended_l2:
+                    new_entry = entry & (L2E_OFFSET_MASK | OFLAG_COPIED) if keep else 0
+                    new_bitmap = L2_BITMAP_ALL_ZERO
+                elif not v3:
+                    new_entry, new_bitmap = 0, 0
+                else:
+                    new_entry = (entry & (L2E_OFFSET_MASK | OFLAG_COPIED) if keep else 0) | OFLAG_ZERO
+                    new_bitmap = 0
+                if (new_entry, new_bitmap) != (entry, bitmap):
+                    self._set_entry(l2, idx, new_entry, new_bitmap)
+                    self.l2_cache.mark_dirty(l2off)
+                    if not keep:
+                        if discard and self.discard_request and ctype is CT.NORMAL \
+                                and not self.has_data_file:  # fmt: skip
+                            host = entry & L2E_OFFSET_MASK
+                            await self._free_entry(entry, bitmap)
+                            if await self.refcounts.get(host >> geo.cluster_bits) == 0:
+                                await self.flush_metadata()
+                                try:
+                                    await self.file.discard(host, cs)
+                                except OSError:
+                                    pass
+                        else:
+                            await self._free_entry(entry, bitmap)
+                pos = cend
+
+    # ================================================================== status / L1
+
+    async def block_status(self, offset: int, length: int) -> tuple[SubclusterType, int, int]:
+        """(type, bytes, host offset) for the run at ``offset``."""
+        async with self.lock:
+            run = await self.lookup(offset, length)
+        return run.type, run.length, run.host
+
+    async def grow_l1(self, min_size: int) -> None:
+        """Move the L1 table to a larger one (qcow2_grow_l1_table)."""
+        if min_size <= len(self.l1):
+            return
+        new_size = max(min_size, len(self.l1) * 3 // 2)
+        if new_size * 8 > MAX_L1_SIZE:
+            new_size = min_size
+        if new_size * 8 > MAX_L1_SIZE:
+            raise BlockError(errno.EFBIG, f"L1 table of {new_size} entries too large",
+                             self.file.name)  # fmt: skip
+        cs = self.geo.cluster_size
+        nbytes = new_size * 8
+        await self.file.event("l1_grow_alloc_table")
+        new_off = await self.refcounts.alloc_clusters(-(-nbytes // cs))
+        # The refcounts of the new table must be on disk before the header names it.
+        await self.flush_metadata()
+        new_l1 = self.l1 + [0] * (new_size - len(self.l1))
+        await self.file.event("l1_grow_write_table")
+        await self.file.pwrite(new_off, struct.pack(f">{new_size}Q", *new_l1))
+        await self.file.flush()
+        await self.file.event("l1_grow_activate_table")
+        old_off, old_size = self.header.l1_table_offset, len(self.l1)
+        await self.write_header(attrs.evolve(self.header, l1_table_offset=new_off,
+                                             l1_size=new_size))  # fmt: skip
+        self.l1 = new_l1
+        if old_size:
+            await self.refcounts.update(old_off, old_size * 8, -1)
+
+
+async def read_header(file: ImageFile) -> QCowHeader:
+    """Read and parse cluster 0 (header, extensions, backing file name)."""
+    flen = await file.getlength()
+    first = bytearray(min(flen, 512))
+    if first:
+        await file.pread(0, memoryview(first))
+    if len(first) < 24:
+        raise BlockError(errno.EINVAL, "image is not in qcow2 format (too short)", file.name)
+    cluster_bits = struct.unpack_from(">I", first, 20)[0]
+    if not 9 <= cluster_bits <= 21:
+        return QCowHeader.unpack(first, file.name)  # raises with the right message
+    buf = bytearray(min(flen, 1 << cluster_bits))
+    await file.pread(0, memoryview(buf))
+    return QCowHeader.unpack(buf, file.name)

@@ -1,0 +1,69 @@
+"""An in-memory ImageFile for engine tests, with write dropping for crash tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CrashedError(OSError):
+    pass
+
+
+class MemFile:
+    def __init__(self, data: bytes = b"", name: str = "mem") -> None:
+        self.buf = bytearray(data)
+        self.name = name
+        self.events: list[str] = []
+        self.writes = 0
+        #: after this many writes (pwrite/zero/truncate/discard), every write is dropped
+        self.crash_after: int | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> MemFile:
+        return cls(path.read_bytes(), str(path))
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(bytes(self.buf))
+
+    def _count(self) -> bool:
+        self.writes += 1
+        return self.crash_after is None or self.writes <= self.crash_after
+
+    async def pread(self, offset: int, buf: memoryview) -> None:
+        n = len(buf)
+        chunk = self.buf[offset : offset + n]
+        buf[: len(chunk)] = chunk
+        if len(chunk) < n:
+            buf[len(chunk) :] = bytes(n - len(chunk))
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if not self._count():
+            return
+        data = bytes(data)
+        end = offset + len(data)
+        if end > len(self.buf):
+            self.buf.extend(bytes(end - len(self.buf)))
+        self.buf[offset:end] = data
+
+    async def pwrite_zeroes(self, offset: int, length: int) -> None:
+        await self.pwrite(offset, bytes(length))
+
+    async def discard(self, offset: int, length: int) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pass
+
+    async def getlength(self) -> int:
+        return len(self.buf)
+
+    async def truncate(self, length: int) -> None:
+        if not self._count():
+            return
+        if length < len(self.buf):
+            del self.buf[length:]
+        else:
+            self.buf.extend(bytes(length - len(self.buf)))
+
+    async def event(self, name: str) -> None:
+        self.events.append(name)
