@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import DeadlockError, TierViolation
-from .tiers import Tier, api, global_state_code, io_or_gs_code, qemu_in_main_thread
+from .tiers import API, Tier, api, global_state_code, io_or_gs_code, qemu_in_main_thread
 
 if TYPE_CHECKING:
     from .graph import BlockDriverState
@@ -71,9 +71,8 @@ def main_context() -> AioContext:
     """The main thread's AioContext (``qemu_get_aio_context``). Tier: common."""
     global _main_ctx
     if _main_ctx is None:
-        _main_ctx = AioContext(
-            "main", asyncio.new_event_loop(), threading.main_thread().ident
-        )
+        _main_ctx = AioContext("main", asyncio.new_event_loop(), threading.main_thread().ident)
+        register_context(_main_ctx)
     return _main_ctx
 
 
@@ -94,6 +93,7 @@ class IOThread:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self.ctx = AioContext(self.name, loop, threading.get_ident())
+        register_context(self.ctx)
         self._ready.set()
         try:
             loop.run_forever()
@@ -182,6 +182,10 @@ def aio_wait_while(ctx: AioContext, cond: Callable[[], bool]) -> None:
                 _waiters.remove(entry)
 
 
+AIO_WAIT_WHILE = aio_wait_while  # QEMU's macro name; same function
+API["AIO_WAIT_WHILE"] = Tier.IO_OR_GS
+
+
 def _run_in_context(ctx: AioContext, coro: Coroutine[Any, Any, T], name: str) -> T:
     """BDRV_POLL_WHILE for one coroutine: run it in ``ctx`` and wait for its result."""
     if ctx.in_home_thread():
@@ -198,6 +202,19 @@ def _run_in_context(ctx: AioContext, coro: Coroutine[Any, Any, T], name: str) ->
     cf = asyncio.run_coroutine_threadsafe(coro, ctx.loop)
     main_loop = main_context().loop
     return main_loop.run_until_complete(asyncio.wrap_future(cf, loop=main_loop))
+
+
+async def run_in_context(ctx: AioContext, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` in ``ctx`` and await its result from the caller's loop. Tier: I/O.
+
+    The asyncio form of entering another context (see :func:`blockcore.drain.bdrv_co_enter`).
+    """
+    if asyncio.get_running_loop() is ctx.loop:
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, ctx.loop))
+
+
+api(Tier.IO)(run_in_context)
 
 
 @api(Tier.GS)

@@ -9,6 +9,7 @@ meanwhile wait and run after :func:`bdrv_drained_end`; none is lost or failed.
 from __future__ import annotations
 
 from asyncio.events import _get_running_loop
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .aio import AioContext, _waiters, aio_wait_kick, aio_wait_while
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from .graph import BdrvChild, BlockDriverState
 
 __all__ = [
+    "BDRV_POLL_WHILE",
     "bdrv_co_enter",
     "bdrv_co_leave",
     "bdrv_dec_in_flight",
@@ -165,3 +167,10 @@ def bdrv_drain(bs: BlockDriverState) -> None:
     io_or_gs_code("bdrv_drain", bs)
     bdrv_drained_begin(bs)
     bdrv_drained_end(bs)
+
+
+@api(Tier.IO_OR_GS)
+def BDRV_POLL_WHILE(bs: BlockDriverState, cond: Callable[[], bool]) -> None:  # noqa: N802
+    """Poll ``bs``'s context until ``cond()`` is false (QEMU's macro). Tier: I/O or GS."""
+    io_or_gs_code("BDRV_POLL_WHILE", bs)
+    aio_wait_while(bs.aio_context, cond)

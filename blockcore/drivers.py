@@ -11,6 +11,7 @@ the driver leaves it out, so the hot path pays a direct call and a ``None`` test
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import inspect
 import logging
 from typing import Any
@@ -155,7 +156,7 @@ class _Registry:
         return {ep.name: ep for ep in mgr.list_entry_points()}
 
     def _on_failure(self, _mgr: object, ep: Any, exc: BaseException) -> None:
-        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
+        dist = _distribution_of(ep) or "unknown distribution"
         self.failures[ep.name] = f"{dist}: {type(exc).__name__}: {exc}"
         log.error("blockcore driver %r (%s) failed to load: %s", ep.name, dist, exc)
 
@@ -170,11 +171,11 @@ class _Registry:
         for ext in mgr:
             if ext.name in self.drivers:
                 continue
-            dist = getattr(ext.entry_point, "dist", None)
+            dist = _distribution_of(ext.entry_point)
             try:
-                self.add(ext.name, ext.plugin, getattr(dist, "name", None))
+                self.add(ext.name, ext.plugin, dist)
             except DriverContractError as exc:
-                self.failures[ext.name] = f"{getattr(dist, 'name', '?')}: {exc}"
+                self.failures[ext.name] = f"{dist}: {exc}"
                 log.error("%s", exc)
 
     def add(self, name: str, plugin: object, distribution: str | None) -> BlockDriver:
@@ -215,6 +216,19 @@ class _Registry:
         return list(self.drivers.values())
 
 
+def _distribution_of(ep: Any) -> str | None:
+    """Name of the distribution that declares entry point ``ep``."""
+    dist = getattr(ep, "dist", None)
+    if dist is not None:
+        return str(dist.name)
+    for candidate in importlib.metadata.distributions():
+        for other in candidate.entry_points:
+            if other.group == ENTRY_POINT_GROUP and other.name == ep.name and \
+                    other.value == ep.value:  # fmt: skip
+                return str(candidate.metadata["Name"])
+    return None
+
+
 _registry = _Registry()
 
 
@@ -226,8 +240,8 @@ def register_driver(plugin: object, name: str | None = None) -> BlockDriver:
     """
     global_state_code("register_driver")
     if name is None:
-        _validate("?", plugin)
-        name = plugin.bdrv_describe().format_name  # type: ignore[attr-defined]
+        describe = dict(_hookimpls(plugin)).get("bdrv_describe")
+        name = describe().format_name if describe is not None else repr(plugin)
     if name in _registry.drivers:
         raise DriverContractError(plugin, f"driver {name!r} is already registered")
     return _registry.add(name, plugin, None)

@@ -621,6 +621,8 @@ def _open_node(
             options.setdefault("file", filename)
     flags, generic = _apply_generic(options, flags)
     allowed = {o.name for o in desc.runtime_opts} | set(desc.child_names)
+    if desc.protocol_name is not None or desc.needs_filename:
+        allowed.add("filename")
     if desc.supports_backing:
         allowed.add("backing")
     for key in options:

@@ -200,6 +200,13 @@ api(Tier.IO)(bdrv_co_debug_event)
 bdrv_debug_event = co_wrapper(bdrv_co_debug_event, "bdrv_debug_event", mixed=True)
 
 
+@api(Tier.IO)
+async def BLKDBG_EVENT(child: BdrvChild | None, event: str) -> None:  # noqa: N802
+    """Send debug ``event`` to the node of ``child`` (None-safe), as QEMU's macro. Tier: I/O."""
+    if child is not None:
+        await bdrv_co_debug_event(child.bs, event)
+
+
 async def _driver_preadv(bs: BlockDriverState, offset: int, length: int, buf: memoryview,
                          flags: F) -> None:  # fmt: skip
     drv = bs.drv

@@ -27,10 +27,10 @@ from asyncio.events import _get_running_loop
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from .errors import TierViolation
+from ..errors import TierViolation
 
 if TYPE_CHECKING:
-    from .graph import BlockDriverState
+    from ..graph import BlockDriverState
 
 __all__ = [
     "API",
@@ -136,13 +136,9 @@ def io_code(fn_name: str, bs: BlockDriverState) -> None:
         )
 
 
-def _main() -> None:
+def main() -> None:
+    """Print every API function and its tier (``python -m blockcore.tiers``)."""
     import blockcore  # noqa: F401  (importing registers every API function)
-    from blockcore import tiers  # this file runs as __main__: read the imported registry
 
-    for name in sorted(tiers.API):
-        print(f"{name} {tiers.API[name].value}")
-
-
-if __name__ == "__main__":
-    _main()
+    for name in sorted(API):
+        print(f"{name} {API[name].value}")

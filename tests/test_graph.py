@@ -1,0 +1,146 @@
+"""Node graph: open options, children, permissions, backing chains, contexts, close."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+import blockcore
+from blockcore import BlockBackend, BlockError, OpenFlags, Perm, PermissionConflictError
+from blockcore.drain import bdrv_drained_begin, bdrv_drained_end
+from blockcore.graph import (
+    _all_nodes,
+    bdrv_default_perms,
+    bdrv_find_node,
+    bdrv_root_attach_child,
+    bdrv_try_change_aio_context,
+)
+from blockcore.types import ChildRole
+
+
+def test_open_by_options_and_node_name(memdrv) -> None:
+    drv = memdrv()
+    bs = blockcore.bdrv_open(None, {"driver": drv.name, "size": "64K", "node-name": "disk0"},
+                             OpenFlags.RDWR)  # fmt: skip
+    assert bdrv_find_node("disk0") is bs
+    assert bs.total_bytes == 65536
+    blockcore.bdrv_unref(bs)
+    assert bdrv_find_node("disk0") is None
+    assert bs.drv is None
+
+
+def test_json_filename_and_flat_keys(memdrv) -> None:
+    drv = memdrv()
+    bs = blockcore.bdrv_open(f'json:{{"driver": "{drv.name}", "size": 1024, "read-only": true}}')
+    assert bs.total_bytes == 1024
+    assert not bs.open_flags & OpenFlags.RDWR
+    blockcore.bdrv_unref(bs)
+
+
+def test_unknown_option_is_refused_with_its_name(memdrv) -> None:
+    drv = memdrv()
+    with pytest.raises(BlockError, match="does not support the option 'sizee'") as info:
+        blockcore.bdrv_open(None, {"driver": drv.name, "sizee": 1})
+    assert info.value.errno == errno.EINVAL
+    assert not [n for n in _all_nodes.values() if n.drv and n.drv.name == drv.name]
+
+
+def test_duplicate_node_name_refused(memdrv) -> None:
+    drv = memdrv()
+    bs = blockcore.bdrv_open(None, {"driver": drv.name, "node-name": "dup"})
+    with pytest.raises(BlockError, match="duplicate node name 'dup'"):
+        blockcore.bdrv_open(None, {"driver": drv.name, "node-name": "dup"})
+    blockcore.bdrv_unref(bs)
+
+
+def test_default_perms_follow_qemu_rules(memdrv) -> None:
+    drv = memdrv()
+    bs = blockcore.bdrv_open(None, {"driver": drv.name}, OpenFlags.RDWR)
+    # a storage child of a writable format holds write+resize and shares neither
+    perm, shared = bdrv_default_perms(bs, None, ChildRole.IMAGE, Perm.CONSISTENT_READ, Perm.ALL)
+    assert perm == Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+    assert not shared & (Perm.WRITE | Perm.RESIZE)
+    # a backing child is only read
+    perm, shared = bdrv_default_perms(bs, None, ChildRole.COW, Perm.ALL, Perm.ALL)
+    assert perm == Perm.CONSISTENT_READ
+    # a filter passes through
+    perm, shared = bdrv_default_perms(bs, None, ChildRole.FILTERED | ChildRole.PRIMARY,
+                                      Perm.WRITE, Perm.CONSISTENT_READ)  # fmt: skip
+    assert perm == Perm.WRITE and shared == Perm.CONSISTENT_READ
+    blockcore.bdrv_unref(bs)
+
+
+class _User:
+    parent_is_bds = False
+
+    def __init__(self, bs):
+        self.bs = bs
+
+    def parent_desc(self):
+        return "test user"
+
+    def parent_aio_context(self):
+        return self.bs.aio_context
+
+    def parent_drained_begin(self):
+        pass
+
+    def parent_drained_end(self):
+        pass
+
+    def parent_drained_poll(self):
+        return False
+
+    def parent_resize(self):
+        pass
+
+
+def test_permission_conflict_refused_and_nothing_attached(memdrv) -> None:
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 512}, OpenFlags.RDWR) as blk:
+        bs = blk.bs
+        parents_before = list(bs.parents)
+        with pytest.raises(PermissionConflictError, match="does not allow 'write'") as info:
+            bdrv_root_attach_child(bs, "other", ChildRole.IMAGE, Perm.CONSISTENT_READ,
+                                   Perm.CONSISTENT_READ, _User(bs))  # fmt: skip
+        assert info.value.errno == errno.EPERM
+        assert bs.parents == parents_before
+
+
+def test_read_only_node_refuses_writes(memdrv) -> None:
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}) as blk:
+        with pytest.raises(BlockError) as info:
+            blk.pwrite(0, b"x")
+        assert info.value.errno == errno.EPERM
+        assert "read-only" in str(info.value)
+
+
+def test_backend_refuses_requests_past_end(memdrv) -> None:
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
+        with pytest.raises(BlockError) as info:
+            blk.pread(4000, 100)
+        assert info.value.errno == errno.EIO
+
+
+def test_iothread_context_move_and_io(memdrv) -> None:
+    drv = memdrv(request_alignment=512)
+    with blockcore.IOThread("io-test") as ctx:
+        blk = BlockBackend.open(None, {"driver": drv.name, "size": 1 << 20}, OpenFlags.RDWR)
+        bdrv_try_change_aio_context(blk.bs, ctx)
+        assert blk.bs.aio_context is ctx
+        blk.pwrite(100, b"abc")  # sync call from main thread polls the iothread
+        assert blk.pread(99, 5) == b"\0abc\0"
+        bdrv_drained_begin(blk.bs)
+        bdrv_drained_end(blk.bs)
+        bdrv_try_change_aio_context(blk.bs, blockcore.main_context())
+        blk.close()
+
+
+def test_length_rounded_up_to_sector(memdrv) -> None:
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 1000}, OpenFlags.RDWR) as blk:
+        assert blk.getlength() == 1024
+        assert blk.pread(990, 34) == bytes(34)
