@@ -15,7 +15,17 @@ import asyncio
 import errno
 from typing import Any, final
 
-from .aio import AioContext, _run_in_context, bdrv_graph_co_rdlock
+from asyncio.events import _get_running_loop
+
+from . import aio as aio_mod
+from .aio import (
+    AioContext,
+    _rdlock_depth,
+    _run_in_context,
+    _waiters,
+    aio_wait_kick,
+    bdrv_graph_co_rdlock,
+)
 from .errors import BlockError, NoMediumError
 from .graph import BdrvChild, BlockDriverState, bdrv_open, bdrv_root_attach_child
 from .graph import bdrv_root_unref_child
@@ -172,25 +182,50 @@ class BlockBackend:
                              root.bs.filename or root.bs.node_name)  # fmt: skip
         return root
 
+    async def _rdlocked(self, root: BdrvChild, fn: Any, *args: Any) -> Any:
+        """Run ``fn(root, *args)`` holding the graph read lock (inline fast path)."""
+        ctx = root.bs.aio_context
+        if aio_mod._has_writer or _get_running_loop() is not ctx.loop:
+            async with bdrv_graph_co_rdlock():
+                return await fn(root, *args)
+        ctx.graph_readers += 1
+        aio_mod._contexts_with_readers.add(ctx)
+        token = _rdlock_depth.set(1)
+        try:
+            return await fn(root, *args)
+        finally:
+            _rdlock_depth.reset(token)
+            ctx.graph_readers -= 1
+            if aio_mod._has_writer:
+                aio_wait_kick()
+
     async def co_preadv(self, offset: int, length: int, buf: Any, flags: F = F.NONE) -> None:
         """Read into ``buf``. Tier: I/O (coroutine on the backend's context)."""
         self.in_flight += 1
         try:
-            root = await self._start(offset, length, True)
-            async with bdrv_graph_co_rdlock():
-                await bdrv_co_preadv(root, offset, length, buf, flags)
+            root = self.root
+            if root is None or self.quiesce_counter or offset < 0 or length < 0 \
+                    or offset + length > root.bs.total_bytes:  # fmt: skip
+                root = await self._start(offset, length, True)
+            await self._rdlocked(root, bdrv_co_preadv, offset, length, buf, flags)
         finally:
-            self._end()
+            self.in_flight -= 1
+            if _waiters:
+                aio_wait_kick()
 
     async def co_pwritev(self, offset: int, length: int, buf: Any, flags: F = F.NONE) -> None:
         """Write from ``buf``. Tier: I/O."""
         self.in_flight += 1
         try:
-            root = await self._start(offset, length, True)
-            async with bdrv_graph_co_rdlock():
-                await bdrv_co_pwritev(root, offset, length, buf, flags)
+            root = self.root
+            if root is None or self.quiesce_counter or offset < 0 or length < 0 \
+                    or offset + length > root.bs.total_bytes:  # fmt: skip
+                root = await self._start(offset, length, True)
+            await self._rdlocked(root, bdrv_co_pwritev, offset, length, buf, flags)
         finally:
-            self._end()
+            self.in_flight -= 1
+            if _waiters:
+                aio_wait_kick()
 
     async def co_pwrite_zeroes(self, offset: int, length: int, flags: F = F.NONE) -> None:
         """Zero a range. Tier: I/O."""
@@ -236,8 +271,6 @@ class BlockBackend:
 
     def _end(self) -> None:
         self.in_flight -= 1
-        from .aio import _waiters, aio_wait_kick
-
         if _waiters:
             aio_wait_kick()
 
