@@ -12,7 +12,13 @@ import itertools
 import os
 from typing import TYPE_CHECKING, Any, Protocol, final
 
-from .aio import AioContext, main_context, register_context
+from .aio import (
+    AioContext,
+    bdrv_graph_wrlock,
+    bdrv_graph_wrunlock,
+    main_context,
+    register_context,
+)
 from .drivers import BlockDriver, bdrv_find_format, bdrv_find_protocol, bdrv_probe_all
 from .errors import BlockError, PermissionConflictError
 from .tiers import Tier, api, global_state_code
@@ -417,14 +423,18 @@ def bdrv_attach_child(
             f"{parent_bs.node_name!r} ({parent_bs.aio_context.name}): contexts differ",
         )
     c = BdrvChild(parent_bs, child_bs, name, role)
-    parent_bs.children.append(c)
-    child_bs.parents.append(c)
+    bdrv_graph_wrlock()
     try:
-        _refresh_perms(parent_bs)
-    except BaseException:
-        parent_bs.children.remove(c)
-        child_bs.parents.remove(c)
-        raise
+        parent_bs.children.append(c)
+        child_bs.parents.append(c)
+        try:
+            _refresh_perms(parent_bs)
+        except BaseException:
+            parent_bs.children.remove(c)
+            child_bs.parents.remove(c)
+            raise
+    finally:
+        bdrv_graph_wrunlock()
     if name == "file":
         parent_bs.file = c
     if role & ChildRole.COW:
@@ -449,12 +459,16 @@ def bdrv_unref_child(parent_bs: BlockDriverState, child: BdrvChild) -> None:
     global_state_code("bdrv_unref_child")
     if child.frozen:
         raise BlockError(errno.EPERM, f"cannot detach frozen child {child.name!r}")
+    bdrv_graph_wrlock()
+    try:
+        parent_bs.children.remove(child)
+        if parent_bs.file is child:
+            parent_bs.file = None
+        if parent_bs.backing is child:
+            parent_bs.backing = None
+    finally:
+        bdrv_graph_wrunlock()
     bdrv_root_unref_child(child)
-    parent_bs.children.remove(child)
-    if parent_bs.file is child:
-        parent_bs.file = None
-    if parent_bs.backing is child:
-        parent_bs.backing = None
     _refresh_perms(parent_bs)
 
 

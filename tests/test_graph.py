@@ -144,3 +144,53 @@ def test_length_rounded_up_to_sector(memdrv) -> None:
     with BlockBackend.open(None, {"driver": drv.name, "size": 1000}, OpenFlags.RDWR) as blk:
         assert blk.getlength() == 1024
         assert blk.pread(990, 34) == bytes(34)
+
+
+def test_sync_wrapper_from_foreign_thread_refused_not_hung(memdrv) -> None:
+    import threading
+
+    from blockcore import DeadlockError
+
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
+        caught: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                blk.pread(0, 512)
+            except BaseException as exc:  # noqa: BLE001
+                caught.append(exc)
+
+        t = threading.Thread(target=worker, name="stranger")
+        t.start()
+        t.join(10)
+        assert not t.is_alive()
+        assert isinstance(caught[0], DeadlockError)
+        assert "stranger" in str(caught[0])
+
+
+def test_graph_write_lock_waits_for_readers(memdrv) -> None:
+    import asyncio
+    import threading
+
+    from blockcore.aio import bdrv_graph_co_rdlock, bdrv_graph_wrlock, bdrv_graph_wrunlock
+
+    with blockcore.IOThread("rdlock-holder") as ctx:
+        released = threading.Event()
+        order: list[str] = []
+
+        async def reader() -> None:
+            async with bdrv_graph_co_rdlock():
+                order.append("reader in")
+                await asyncio.sleep(0.2)
+                order.append("reader out")
+                released.set()
+
+        fut = asyncio.run_coroutine_threadsafe(reader(), ctx.loop)
+        while not order:
+            pass
+        bdrv_graph_wrlock()
+        order.append("writer in")
+        bdrv_graph_wrunlock()
+        fut.result(5)
+        assert order == ["reader in", "reader out", "writer in"]
