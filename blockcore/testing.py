@@ -41,7 +41,8 @@ __all__ = ["MemoryDriver", "check_driver", "requires_qemu", "requires_root"]
 class MemoryDriver:
     """An in-memory protocol driver with configurable limits, for tests.
 
-    Open with ``{"driver": name, "size": N}``. Records every call in :attr:`calls` as
+    Open with ``{"driver": name, "size": N}`` (add ``"filename": key`` to find the same data
+    again after closing). Records every call in :attr:`calls` as
     ``(hook, offset, length, flags)`` so tests can check what the core sent down, and checks
     the core's alignment and max_transfer guarantees on every request.
     """
@@ -79,6 +80,8 @@ class MemoryDriver:
         self.cluster_size = cluster_size
         self.delay = delay
         self.calls: list[tuple[str, int, int, int]] = []
+        #: Images opened with a ``filename`` keep their data here across close and reopen.
+        self.images: dict[str, bytearray] = {}
         self.flushes = 0
         if not zero_write:
             self.bdrv_co_pwrite_zeroes = None  # type: ignore[assignment]
@@ -123,8 +126,14 @@ class MemoryDriver:
     def bdrv_open(self, bs: BlockDriverState, options: dict[str, Any], flags: Any) -> None:
         from .util import parse_size
 
-        bs.opaque = bytearray(parse_size(options.get("size", 0)))
-        bs.filename = str(options.get("filename", f"{self.name}:{bs.node_name}"))
+        name = options.get("filename")
+        if name is not None and name in self.images:  # reopen: same data
+            bs.opaque = self.images[name]
+        else:
+            bs.opaque = bytearray(parse_size(options.get("size", 0)))
+            if name is not None:
+                self.images[name] = bs.opaque
+        bs.filename = str(name or f"{self.name}:{bs.node_name}")
 
     @hookimpl
     def bdrv_refresh_limits(self, bs: BlockDriverState, limits: BlockLimits) -> BlockLimits:
