@@ -116,7 +116,7 @@ class CowDriver:
         events: bool = False,
         concurrency: Concurrency = Concurrency.PARALLEL,
     ) -> None:
-        self.name = name or unique("cow")
+        self.name = name or unique("iocow")
         self.limits = BlockLimits(request_alignment=request_alignment, max_transfer=max_transfer)
         self.cluster_size = cluster_size or request_alignment
         self.truncate_zero = truncate_zero
@@ -307,7 +307,7 @@ class FilterDriver:
 
     def __init__(self, name: str | None = None, *, ioctl: bool = False,
                  medium: bool = False) -> None:  # fmt: skip
-        self.name = name or unique("filt")
+        self.name = name or unique("iofilt")
         self.calls: list[tuple[str, Any]] = []
         self.inserted = True
         if not ioctl:
@@ -444,7 +444,7 @@ class Env:
         self.nodes: list[BlockDriverState] = []
 
     def mem(self, **kw: Any) -> MemoryDriver:
-        return self.add(MemoryDriver(unique("mem"), **kw))
+        return self.add(MemoryDriver(unique("iomem"), **kw))
 
     def cow(self, **kw: Any) -> CowDriver:
         return self.add(CowDriver(**kw))
