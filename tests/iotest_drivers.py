@@ -454,9 +454,12 @@ class Env:
         self.drivers.append(drv)
         return drv
 
-    def open(self, drv: Any, size: int, flags: OpenFlags = OpenFlags.RDWR, *,
+    def open(self, drv: Any, size: int | None, flags: OpenFlags = OpenFlags.RDWR, *,
              discard: bool = False, **opts: Any) -> BlockBackend:  # fmt: skip
-        options: dict[str, Any] = {"driver": drv.name, "size": size, **opts}
+        """Open a backend on a new node of ``drv`` (``size`` None: no size option)."""
+        options: dict[str, Any] = {"driver": drv.name, **opts}
+        if size is not None:
+            options["size"] = size
         if discard:
             options["discard"] = "unmap"
         blk = BlockBackend.open(None, options, flags)
