@@ -288,7 +288,18 @@ class PosixEngine:
         self._writer = False
 
     async def preadv(self, buf: memoryview, offset: int) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``, zero-filling past EOF. Tier: I/O."""
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``, zero-filling past EOF. Tier: I/O.
+
+        OSErrors keep their type and errno and gain the filename, as all engine errors do.
+        """
+        try:
+            await self._preadv(buf, offset)
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = self.filename
+            raise
+
+    async def _preadv(self, buf: memoryview, offset: int) -> None:
         fd = self.fd
         if self.nowait_read:
             try:
@@ -316,6 +327,14 @@ class PosixEngine:
 
     async def pwritev(self, buf: memoryview, offset: int) -> None:
         """Write all of ``buf`` at ``offset`` (short writes go on). Tier: I/O."""
+        try:
+            await self._pwritev(buf, offset)
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = self.filename
+            raise
+
+    async def _pwritev(self, buf: memoryview, offset: int) -> None:
         if self.nowait_write:
             try:
                 n = os.pwritev(self.fd, (buf,), offset, _RWF_NOWAIT)
@@ -370,6 +389,8 @@ class PosixEngine:
         try:
             await _get_pool().run(os.fdatasync, self.fd)
         except OSError as exc:
+            if exc.filename is None:
+                exc.filename = self.filename
             if not self.direct:
                 self._flush_error = exc
             raise

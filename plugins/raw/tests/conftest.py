@@ -1,0 +1,121 @@
+"""Fixtures for the file and raw driver tests: images on disk and on tmpfs, qemu tools,
+and small scratch filesystems (root only)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from blockcore.testing import requires_qemu, requires_root
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["disk", "tmpfs"])
+def fsdir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A directory on the regular filesystem (ext4 here) or on tmpfs."""
+    if request.param == "disk":
+        yield tmp_path
+        return
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no tmpfs at /dev/shm")
+    d = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="blockcore-raw-"))
+    yield d
+    shutil.rmtree(d)
+
+
+def make_image(path: Path, size: int = 4 * MiB, data: dict[int, bytes] | None = None) -> Path:
+    """A sparse file of ``size`` bytes with ``data`` written at the given offsets."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, chunk in (data or {}).items():
+            f.seek(off)
+            f.write(chunk)
+    return path
+
+
+@pytest.fixture
+def qemu() -> None:
+    if reason := requires_qemu():
+        pytest.skip(reason)
+
+
+def qemu_io(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-io", *args], capture_output=True, text=True, timeout=60)
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60)
+
+
+def locked_bytes(path: Path | str) -> list[int]:
+    """Lock bytes (100..103, 200..203) that any open file description holds on ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        held = []
+        for byte in (100, 101, 102, 103, 200, 201, 202, 203):
+            raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
+                              struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, byte, 1, 0))  # fmt: skip
+            if struct.unpack("hhqqi4x", raw)[0] != fcntl.F_UNLCK:
+                held.append(byte)
+        return held
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def scratch_mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Mount small tmpfs instances (``mount(size=..., ro=...)``); root only."""
+    if reason := requires_root():
+        pytest.skip(reason)
+    mounted: list[Path] = []
+
+    def mount(size: str = "1m", ro: bool = False) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)],
+                             capture_output=True, text=True)  # fmt: skip
+        if res.returncode:
+            pytest.skip(f"cannot mount tmpfs: {res.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.fixture
+def ext4_4k(tmp_path: Path) -> Iterator[Path]:
+    """An ext4 filesystem on a loop device with 4 KiB logical sectors (root only)."""
+    reason = requires_root()
+    for tool in ("losetup", "mkfs.ext4", "mount"):
+        reason = reason or (None if shutil.which(tool) else f"needs {tool}")
+    if reason:
+        pytest.skip(reason)
+    backing = make_image(tmp_path / "fs.img", 64 * MiB)
+    res = subprocess.run(["losetup", "--find", "--show", "--sector-size", "4096", str(backing)],
+                         capture_output=True, text=True)  # fmt: skip
+    if res.returncode:
+        pytest.skip(f"losetup failed: {res.stderr.strip()}")
+    dev = res.stdout.strip()
+    point = tmp_path / "mnt"
+    point.mkdir()
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-b", "4096", dev], check=True, capture_output=True)
+        subprocess.run(["mount", dev, str(point)], check=True, capture_output=True)
+        try:
+            yield point
+        finally:
+            subprocess.run(["umount", str(point)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
