@@ -265,7 +265,9 @@ def _check_limits(st: BlkdebugState, child: BlockDriverState) -> None:
 
 @hookimpl
 def bdrv_close(bs: BlockDriverState) -> None:
-    st: BlkdebugState = bs.opaque
+    st: BlkdebugState | None = bs.opaque
+    if st is None:  # bdrv_open failed before it set the state
+        return
     st.engine.rules.clear()
     st.engine.active.clear()
     for entry in list(st.suspended):  # never leave a request parked behind a closed node
