@@ -153,6 +153,12 @@ class _FakeNode:
         return len(self.lun.medium or b"") if self.lun.ready else 0
 
     def open(self, writable: bool, direct: bool, nonblock: bool) -> int:
+        fd = self._reopen(writable, direct, nonblock)
+        self.use_count += 1
+        return fd
+
+    def _reopen(self, writable: bool, direct: bool, nonblock: bool) -> int:
+        """A new open file description of the memfd (its own OFD locks)."""
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         flags |= (os.O_DIRECT if direct else 0) | (os.O_NONBLOCK if nonblock else 0)
         return os.open(f"/proc/self/fd/{self._memfd}", flags)
@@ -270,7 +276,7 @@ class FakeCdrom(_FakeNode):
                     raise _err(errno.EROFS)  # not a rewritable (CDC_RAM) medium
                 if self.lockable:
                     self._lock_door(True)
-            return super().open(writable, direct, nonblock)
+            return self._reopen(writable, direct, nonblock)
         except BaseException:
             self.use_count -= 1
             raise
