@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from blockcore_host_device.fake import FakeLinux
-from blockcore_host_device.ioctl import use_layer
-
 import blockcore
+import pytest
 from blockcore.aio import bdrv_graph_co_rdlock
 from blockcore.testing import requires_root
+
+from blockcore_host_device.fake import FakeLinux
+from blockcore_host_device.ioctl import use_layer
 
 MiB = 1 << 20
 

@@ -13,6 +13,7 @@ import os
 import stat
 
 import pytest
+
 from blockcore_host_device import ioctl as io_
 from blockcore_host_device.fake import FakeCdrom, FakeLinux, FakeSg
 from blockcore_host_device.ioctl import SgIoHdr, query

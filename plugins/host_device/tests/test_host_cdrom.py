@@ -7,14 +7,14 @@ import errno
 import logging
 
 import pytest
-from blockcore_host_device import ioctl as io_
-from blockcore_host_device.fake import FakeCdrom
-
 from blockcore import BlockBackend, OpenFlags
 from blockcore.drivers import bdrv_find_format, bdrv_find_protocol
 from blockcore.errors import BlockError, NoMediumError
 from blockcore.io import bdrv_co_getlength
 from blockcore.special import bdrv_co_eject, bdrv_co_ioctl, bdrv_co_is_inserted, bdrv_co_lock_medium
+
+from blockcore_host_device import ioctl as io_
+from blockcore_host_device.fake import FakeCdrom
 
 DISC = bytes(range(256)) * 8 * 256  # 512 KiB
 OTHER = b"\x77" * (1 << 20)

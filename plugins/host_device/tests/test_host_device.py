@@ -10,9 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from blockcore_host_device import ioctl as io_
-from blockcore_host_device.ioctl import LinuxIoctl, use_layer
-
 from blockcore import BlockBackend, OpenFlags
 from blockcore.drivers import bdrv_find_format, bdrv_find_protocol
 from blockcore.errors import BlockError, NotSupportedError, PermissionConflictError
@@ -23,6 +20,9 @@ from blockcore.status import bdrv_block_status
 from blockcore.testing import check_driver, requires_qemu
 from blockcore.types import BdrvRequestFlags as F
 from blockcore.types import BlockStatusFlags as S
+
+from blockcore_host_device import ioctl as io_
+from blockcore_host_device.ioctl import LinuxIoctl, use_layer
 
 MiB = 1 << 20
 RW = OpenFlags.RDWR

@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+
 from blockcore_host_device import ioctl as io_
 from blockcore_host_device.ioctl import LinuxIoctl, SgIoHdr, query, range_arg
 

@@ -6,10 +6,6 @@ from __future__ import annotations
 import ctypes
 
 import pytest
-from blockcore_host_device import ioctl as io_
-from blockcore_host_device.fake import FakeSg
-from blockcore_host_device.ioctl import SgIoHdr
-
 from blockcore import BlockBackend, OpenFlags
 from blockcore.drivers import bdrv_find_format, bdrv_find_protocol
 from blockcore.errors import BlockError, NotSupportedError
@@ -17,6 +13,10 @@ from blockcore.graph import bdrv_open, bdrv_unref
 from blockcore.info import bdrv_is_sg
 from blockcore.io import bdrv_flush
 from blockcore.special import bdrv_co_ioctl
+
+from blockcore_host_device import ioctl as io_
+from blockcore_host_device.fake import FakeSg
+from blockcore_host_device.ioctl import SgIoHdr
 
 DISC = bytes(range(256)) * 8 * 16  # 32 KiB, 16 sectors of 2 KiB
 

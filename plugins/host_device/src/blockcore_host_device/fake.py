@@ -82,8 +82,9 @@ class _Lun:
         if op == 0x12:  # INQUIRY
             if cdb[1] & 1:
                 return self._check(ILLEGAL_REQUEST, 0x24, 0)  # no VPD pages here
-            std = bytes([self.device_type, 0x80 if self.device_type == 5 else 0, 5, 2, 31,
-                         0, 0, 0]) + b"BLKCORE " + self.product.ljust(16)[:16] + b"1.0 "  # fmt: skip
+            rmb = 0x80 if self.device_type == 5 else 0  # removable medium
+            std = bytes([self.device_type, rmb, 5, 2, 31, 0, 0, 0]) + b"BLKCORE "
+            std += self.product.ljust(16)[:16] + b"1.0 "
             return 0, b"", std[: int.from_bytes(cdb[3:5], "big")]
         if op == 0x1B:  # START STOP UNIT
             if cdb[4] & 2:  # LoEj: move the tray

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-
 from blockcore import hookimpl, posix
 from blockcore.errors import BlockError, NotSupportedError
 from blockcore.graph import BlockDriverState
@@ -248,8 +247,9 @@ def open_device(bs: BlockDriverState, options: dict[str, Any], flags: OpenFlags,
         sg = not is_block and _is_sg(layer, fd)
         if not is_block and not sg:
             raise BlockError(errno.EINVAL, f"'{driver}' driver requires {filename!r} to be a "
-                             "block device or an sg node, not a character device that is not "
-                             "SCSI generic: use driver 'file' for image files", filename)  # fmt: skip
+                             "block device or an sg node, not a character device that is "
+                             "not SCSI generic: use driver 'file' for image files",
+                             filename)  # fmt: skip
         lock = None
         if locking == "on" or (locking == "auto" and posix.ofd_locks_available()):
             if not posix.ofd_locks_available():
@@ -384,12 +384,13 @@ async def bdrv_co_pwrite_zeroes(
         # writing zeroes (BLKDEV_ZERO_NOFALLBACK)
         try:
             await st.engine.punch_hole(offset, length)
-            return
         except NotSupportedError:
             pass
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.EBUSY):
                 raise
+        else:
+            return
     if flags & F.NO_FALLBACK:
         # BLKZEROOUT may write zeroes in the kernel, slowly: not a "fast" zero write
         raise NotSupportedError("fast zero writes need MAY_UNMAP on a device", st.filename)
@@ -435,7 +436,7 @@ def device_length(st: DeviceState) -> int:
     try:
         return io_.query(st.layer, st.fd, io_.BLKGETSIZE64, "Q")
     except OSError:
-        return st.engine.getlength()
+        return int(st.engine.getlength())
 
 
 @hookimpl
