@@ -4,42 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import time
 from typing import Any
 
 import pytest
-from conftest import Env
+from blkdebug_helpers import Env, settle, wait_done
+from blockcore_blkdebug import driver as bd
 
 import blockcore
 from blockcore import BlockBackend, DriverDescriptor, IOThread, OpenFlags, hookimpl, io
-from blockcore.aio import aio_wait_kick, aio_wait_while
 from blockcore.errors import BlockError, NotSupportedError
 from blockcore.graph import bdrv_open_child, bdrv_try_change_aio_context
 from blockcore.special import BlockAIOCB
 from blockcore.types import ChildRole
-from blockcore_blkdebug import driver as bd
 
 SIZE = 1 << 20
-
-
-def settle(seconds: float = 0.02) -> None:
-    """Let the main loop run queued requests until they block."""
-    blockcore.run(asyncio.sleep(seconds))
-
-
-def wait_done(*acbs: BlockAIOCB, timeout: float = 5.0) -> None:
-    loop = acbs[0].bs.aio_context.loop
-    deadline = time.monotonic() + timeout
-    handle = loop.call_later(timeout, aio_wait_kick)
-    try:
-        aio_wait_while(acbs[0].bs.aio_context, lambda: not all(a.done for a in acbs)
-                       and time.monotonic() < deadline)  # fmt: skip
-    finally:
-        handle.cancel()
-    assert all(a.done for a in acbs), "requests did not complete"
-    for a in acbs:
-        if isinstance(a.result, BaseException):
-            raise a.result
 
 
 def driver_writes(mem: Any) -> list[tuple[int, int]]:

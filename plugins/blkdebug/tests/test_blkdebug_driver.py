@@ -9,7 +9,9 @@ import json
 from collections.abc import Callable
 
 import pytest
-from conftest import Env
+from blkdebug_helpers import Env
+from blockcore_blkdebug import driver as bd
+from blockcore_blkdebug.driver import BlkdebugState
 
 import blockcore
 from blockcore import BdrvRequestFlags as F
@@ -18,8 +20,6 @@ from blockcore.errors import BlockError, NoSpaceError, NotSupportedError, Permis
 from blockcore.graph import bdrv_filter_bs
 from blockcore.status import bdrv_block_status
 from blockcore.types import BLKDEBUG_EVENTS, BlockStatusFlags, ChildRole, Perm
-from blockcore_blkdebug import driver as bd
-from blockcore_blkdebug.driver import BlkdebugState
 
 SIZE = 1 << 20
 
@@ -148,8 +148,8 @@ def test_image_given_as_node_name(env: Env) -> None:
 
 def test_parse_filename() -> None:
     assert bd.bdrv_parse_filename("blkdebug::img") == {"x-image": "img"}
-    assert bd.bdrv_parse_filename("blkdebug:c.conf:file:a:b") == {"config": "c.conf",
-                                                                  "x-image": "file:a:b"}  # fmt: skip
+    parsed = bd.bdrv_parse_filename("blkdebug:c.conf:file:a:b")
+    assert parsed == {"config": "c.conf", "x-image": "file:a:b"}
     with pytest.raises(BlockError, match="requires both config file and image path"):
         bd.bdrv_parse_filename("blkdebug:onlyconfig")
     with pytest.raises(BlockError, match="must start with 'blkdebug:'"):
@@ -565,8 +565,8 @@ def test_flush_events_from_the_node_above(env: Env, event: str) -> None:
 
 def test_error_in_rmw_read_fails_the_write(env: Env) -> None:
     mem = env.mem()
-    blk = env.open(mem, align=4096, **{"inject-error": [{"event": "pwritev_rmw_head",
-                                                         "iotype": "read", "once": "on"}]})  # fmt: skip
+    rule = {"event": "pwritev_rmw_head", "iotype": "read", "once": "on"}
+    blk = env.open(mem, align=4096, **{"inject-error": [rule]})
     blk.pwrite(0, b"\x11" * 4096)
     with pytest.raises(BlockError, match="injected EIO into bdrv_co_preadv at 0x0"):
         blk.pwrite(10, b"\x22" * 10)

@@ -12,12 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Env, requires_qemu
-from test_request_path import BASE, run_batch
+from blkdebug_helpers import BASE, Env, requires_qemu, run_batch, wait_done
+from blockcore_blkdebug import driver as bd
 
 from blockcore import BlockBackend, OpenFlags
 from blockcore.errors import BlockError
-from blockcore_blkdebug import driver as bd
 
 pytest.importorskip("blockcore_raw", reason="needs blockcore-raw for the file protocol")
 
@@ -179,8 +178,6 @@ def test_breakpoint_race_matches_qemu_io(tmp_path: Path, messages: list[str]) ->
         bd.wait_break(blk.bs, "A", timeout=5)
         b = blk.aio_pwritev(65536, b"\x22" * 4096)
         bd.debug_resume(blk.bs, "A")
-        from test_breakpoints import wait_done
-
         wait_done(a, b)
         assert blk.pread(0, 4096) == b"\x11" * 4096
         assert blk.pread(65536, 4096) == b"\x22" * 4096

@@ -8,14 +8,11 @@ import random
 from typing import Any
 
 import pytest
-from conftest import Env
+from blkdebug_helpers import BASE, SIZE, Env, run_batch
 
-from blockcore import BdrvRequestFlags as F
 from blockcore import BlockBackend, OpenFlags
 from blockcore.testing import check_driver
 
-SIZE = 1 << 20
-BASE = {"align": 4096, "max-transfer": 65536, "discard": "unmap"}
 EXTRA_LIMITS = {
     "none": {},
     "zero": {"opt-write-zero": "16k", "max-write-zero": "128k", "max-discard": "96k"},
@@ -33,62 +30,6 @@ CHILDREN = {
                                  "zero_write": False, "discard": False},
     "4k-fua": {"request_alignment": 4096, "fua": True},
 }  # fmt: skip
-
-
-def run_batch(blk: BlockBackend, rng: random.Random, rounds: int,
-              aligned_discards: bool = False) -> dict[str, int]:  # fmt: skip
-    size = blk.getlength()
-    model = bytearray(blk.pread(0, size))
-    done: dict[str, int] = {}
-    for i in range(rounds):
-        op = rng.choice(("read", "write", "write", "write-fua", "zero", "zero-unmap",
-                         "discard", "flush", "truncate", "read-tail"))  # fmt: skip
-        offset = rng.randrange(0, size - 1)
-        length = rng.randrange(1, min(size - offset, 150_000) + 1)
-        if rng.random() < 0.3:  # sometimes aligned, to take the fast paths too
-            offset -= offset % 4096
-            length = max(4096, length - length % 4096)
-            length = min(length, size - offset)
-        where = f"round {i} {op} {offset:#x}+{length:#x}"
-        if op == "read":
-            assert blk.pread(offset, length) == model[offset : offset + length], where
-        elif op == "read-tail":  # the last bytes, whose alignment unit may pass the end
-            n = rng.randrange(1, 9000)
-            assert blk.pread(size - n, n) == model[size - n :], where
-        elif op in ("write", "write-fua"):
-            data = rng.randbytes(length)
-            blk.pwrite(offset, data, F.FUA if op == "write-fua" else F.NONE)
-            model[offset : offset + length] = data
-        elif op in ("zero", "zero-unmap"):
-            blk.pwrite_zeroes(offset, length, F.MAY_UNMAP if op == "zero-unmap" else F.NONE)
-            model[offset : offset + length] = bytes(length)
-        elif op == "discard":
-            if aligned_discards:
-                offset -= offset % 4096
-                length = max(4096, length - length % 4096)
-            blk.pdiscard(offset, length)
-            after = blk.pread(offset, length)
-            before = model[offset : offset + length]
-            # discard is advisory: each byte is the old one or zero
-            assert all(a == b or a == 0 for a, b in zip(after, before, strict=True)), where
-            model[offset : offset + length] = after
-        elif op == "flush":
-            blk.flush()
-        else:
-            new = rng.randrange(SIZE // 2, SIZE * 3 // 2) // 512 * 512
-            if rng.random() < 0.5:
-                new += 512 * rng.randrange(1, 8)  # not a multiple of the 4 KiB alignment
-            blk.truncate(new)
-            if new < size:
-                del model[new:]
-            else:
-                model.extend(bytes(new - size))
-            size = new
-            assert blk.getlength() == size, where
-        done[op] = done.get(op, 0) + 1
-    assert blk.pread(0, size) == bytes(model), "final content differs from the model"
-    blk.flush()
-    return done
 
 
 @pytest.mark.parametrize("child", list(CHILDREN))

@@ -7,9 +7,6 @@ import os
 from collections.abc import Callable
 
 import pytest
-
-from blockcore.errors import BlockError
-from blockcore.types import BLKDEBUG_EVENTS
 from blockcore_blkdebug.rules import (
     DEFAULT_IOTYPES,
     InjectErrorRule,
@@ -20,6 +17,9 @@ from blockcore_blkdebug.rules import (
     parse_config_file,
     parse_rule_options,
 )
+
+from blockcore.errors import BlockError
+from blockcore.types import BLKDEBUG_EVENTS
 
 # -------------------------------------------------------------------------------------------
 # Config file

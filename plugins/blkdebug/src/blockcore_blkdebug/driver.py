@@ -84,7 +84,11 @@ class BlkdebugState:
 
 
 # QEMU prints these two lines on stdout (iotests compare them); tests may silence them.
-_message_sink: Callable[[str], None] | None = lambda line: print(line, flush=True)
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+_message_sink: Callable[[str], None] | None = _print
 
 
 def set_message_sink(sink: Callable[[str], None] | None) -> Callable[[str], None] | None:
@@ -200,8 +204,8 @@ def _image_ref(ref: Any) -> Any:
         return ref
     ref["driver"] = drv.name
     prefix = f"{drv.descriptor.protocol_name}:"
-    if drv.bdrv_parse_filename is not None and filename.startswith(prefix):  # type: ignore[attr-defined]
-        for key, value in drv.bdrv_parse_filename(filename).items():  # type: ignore[attr-defined]
+    if drv.bdrv_parse_filename is not None and filename.startswith(prefix):
+        for key, value in drv.bdrv_parse_filename(filename).items():
             ref.setdefault(key, value)
     else:
         ref["filename"] = filename[len(prefix) :] if filename.startswith(prefix) else filename
@@ -277,7 +281,7 @@ def bdrv_close(bs: BlockDriverState) -> None:
 @hookimpl
 def bdrv_refresh_limits(bs: BlockDriverState, limits: BlockLimits) -> BlockLimits:
     lim = bs.opaque.limits
-    changes: dict[str, int] = {}
+    changes: dict[str, Any] = {}
     align = lim["align"] or limits.request_alignment
     if lim["align"]:
         changes["request_alignment"] = align
@@ -332,6 +336,13 @@ def _check_rw(bs: BlockDriverState, hook: str, offset: int, length: int, buf: me
         raise _broken(bs, hook, f"flags {F(flags & ~allowed)!r} outside {allowed!r}")
 
 
+def _image(bs: BlockDriverState) -> BdrvChild:
+    child = bs.file
+    if child is None:
+        raise _broken(bs, "request", "a request reached a node whose image is detached")
+    return child
+
+
 _ERRNO_CLASS = {errno.ENOTSUP: NotSupportedError, errno.ENOSPC: NoSpaceError}
 
 
@@ -360,7 +371,7 @@ async def bdrv_co_preadv(bs: BlockDriverState, offset: int, length: int, buf: me
         raise _broken(bs, "bdrv_co_preadv", f"read {offset:#x}+{length:#x} passes the end "
                       f"{bs.total_bytes:#x} by more than one alignment unit")  # fmt: skip
     await _rule_check(bs, "bdrv_co_preadv", IoType.READ, offset, length)
-    await io.bdrv_co_preadv(bs.file, offset, length, buf, flags)
+    await io.bdrv_co_preadv(_image(bs), offset, length, buf, flags)
 
 
 @hookimpl
@@ -368,7 +379,7 @@ async def bdrv_co_pwritev(bs: BlockDriverState, offset: int, length: int, buf: m
                           flags: BdrvRequestFlags) -> None:  # fmt: skip
     _check_rw(bs, "bdrv_co_pwritev", offset, length, buf, flags, bs.supported_write_flags)
     await _rule_check(bs, "bdrv_co_pwritev", IoType.WRITE, offset, length)
-    await io.bdrv_co_pwritev(bs.file, offset, length, buf, flags)
+    await io.bdrv_co_pwritev(_image(bs), offset, length, buf, flags)
 
 
 @hookimpl
@@ -393,7 +404,7 @@ async def bdrv_co_pwrite_zeroes(bs: BlockDriverState, offset: int, length: int,
         raise _broken(bs, hook, f"length {length:#x} above max_pwrite_zeroes "
                       f"{bs.bl.max_pwrite_zeroes:#x}")  # fmt: skip
     await _rule_check(bs, hook, IoType.WRITE_ZEROES, offset, length)
-    await io.bdrv_co_pwrite_zeroes(bs.file, offset, length, flags)
+    await io.bdrv_co_pwrite_zeroes(_image(bs), offset, length, flags)
 
 
 @hookimpl
@@ -420,7 +431,7 @@ async def bdrv_co_pdiscard(bs: BlockDriverState, offset: int, length: int) -> No
     if bs.bl.max_pdiscard and length > bs.bl.max_pdiscard:
         raise _broken(bs, hook, f"length {length:#x} above max_pdiscard {bs.bl.max_pdiscard:#x}")
     await _rule_check(bs, hook, IoType.DISCARD, offset, length)
-    await io.bdrv_co_pdiscard(bs.file, offset, length)
+    await io.bdrv_co_pdiscard(_image(bs), offset, length)
 
 
 @hookimpl
@@ -435,7 +446,7 @@ async def bdrv_co_block_status(bs: BlockDriverState, want_zero: bool, offset: in
     _check_aligned(bs, "bdrv_co_block_status", offset, length)
     await _rule_check(bs, "bdrv_co_block_status", IoType.BLOCK_STATUS, offset, length)
     return BlockStatus(BlockStatusFlags.RAW | BlockStatusFlags.OFFSET_VALID, length, offset,
-                       bs.file.bs)  # fmt: skip
+                       _image(bs).bs)  # fmt: skip
 
 
 @hookimpl
@@ -445,7 +456,7 @@ async def bdrv_co_truncate(bs: BlockDriverState, offset: int, exact: bool,
         raise _broken(bs, "bdrv_co_truncate", f"negative size {offset}")
     if flags & ~bs.supported_truncate_flags:
         raise _broken(bs, "bdrv_co_truncate", f"flags {flags!r} not supported")
-    await io.bdrv_co_truncate(bs.file, offset, exact, prealloc, flags)
+    await io.bdrv_co_truncate(_image(bs), offset, exact, prealloc, flags)
 
 
 # -------------------------------------------------------------------------------------------
@@ -532,7 +543,7 @@ def find_debug_node(bs: BlockDriverState) -> BlockDriverState | None:
     breakpoints (QEMU's search in bdrv_debug_breakpoint). Tier: GS."""
     node: BlockDriverState | None = bs
     while node is not None and node.drv is not None:
-        if node.drv.bdrv_debug_breakpoint is not None:  # type: ignore[attr-defined]
+        if node.drv.bdrv_debug_breakpoint is not None:
             return node
         child = graph.bdrv_primary_child(node)
         node = child.bs if child is not None else None

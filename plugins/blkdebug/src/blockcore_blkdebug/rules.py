@@ -310,8 +310,9 @@ def _indexed(value: Any, name: str, filename: str | None) -> list[tuple[str, Any
                      filename)  # fmt: skip
 
 
-def parse_rule_options(value: Any, kind: str, first_number: int = 0,
-                       filename: str | None = None) -> list[InjectErrorRule | SetStateRule]:  # fmt: skip
+def parse_rule_options(
+    value: Any, kind: str, first_number: int = 0, filename: str | None = None
+) -> list[InjectErrorRule | SetStateRule]:
     """Rules of kind ``inject-error`` or ``set-state`` given as an option value.
 
     ``value`` is a list of dicts (JSON form) or a dict keyed by index (the dotted
@@ -359,7 +360,7 @@ class RuleEngine:
         if rule in of_event:
             of_event.remove(rule)
         if rule in self.active:
-            self.active.remove(rule)  # type: ignore[arg-type]
+            self.active.remove(rule)
 
     def fire(self, event: str) -> list[SuspendRule]:
         """Process ``event``: arm, change state, and return the breakpoints it hit (removed)."""
