@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -252,6 +251,26 @@ def test_locks_are_seen_by_qemu(loop) -> None:
 
 
 @pytest.mark.skipif(requires_qemu() is not None, reason=str(requires_qemu()))
+def test_qemu_locks_are_seen_by_blockcore(loop) -> None:
+    qemu = subprocess.Popen(["qemu-io", "-f", "raw", loop.dev], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        assert qemu.stdin is not None and qemu.stdout is not None
+        qemu.stdin.write("read 0 512\n")
+        qemu.stdin.flush()
+        for line in qemu.stdout:  # the image is open once the read is reported
+            if "read 512/512" in line:
+                break
+        # qemu-io holds "consistent read" and "write" on a raw image and shares everything
+        with pytest.raises(PermissionConflictError, match='Failed to get shared "write" lock'):
+            _open(loop.dev, flags=RW | OpenFlags.NO_SHARE)
+        with _open(loop.dev) as blk:
+            assert blk.pread(0, 512) == bytes(512)
+    finally:
+        qemu.communicate("quit\n", timeout=30)
+
+
+@pytest.mark.skipif(requires_qemu() is not None, reason=str(requires_qemu()))
 def test_qemu_reads_what_blockcore_wrote(make_loop) -> None:
     lo = make_loop(sector_size=4096)
     with _open(lo.dev, direct=True) as blk:
@@ -276,7 +295,6 @@ def test_node_is_closed_with_its_fd(loop) -> None:
     assert exc.value.errno == errno.EBADF
 
 
-@pytest.mark.skipif(shutil.which("losetup") is None, reason="needs losetup")
 def test_format_probing_puts_raw_on_host_device(loop) -> None:
     pytest.importorskip("blockcore_raw")
     with BlockBackend.open(loop.dev, None, RW) as blk:

@@ -92,3 +92,14 @@ def test_bad_sg_io_header_keeps_the_kernels_errno(fake, sg, co) -> None:
 def test_host_cdrom_sends_sg_nodes_to_host_device(fake, sg) -> None:
     with pytest.raises(BlockError, match="not a character device: use driver 'host_device'"):
         BlockBackend.open("/dev/sg0", {"driver": "host_cdrom"})
+
+
+def test_sg_io_through_a_scsi_block_device(fake, co) -> None:
+    """A SCSI block device (here the fake sr) is not "sg" but takes SG_IO requests."""
+    from blockcore_host_device.fake import FakeCdrom
+
+    fake.add("/dev/sr0", FakeCdrom(DISC))
+    with BlockBackend.open("/dev/sr0", {"driver": "host_device"}) as blk:
+        assert not bdrv_is_sg(blk.bs) and blk.getlength() == len(DISC)
+        hdr, data, _ = _sg_io(co, blk.bs, bytes([0x25] + [0] * 9), 8)
+        assert hdr.status == 0 and int.from_bytes(data[4:], "big") == 2048
