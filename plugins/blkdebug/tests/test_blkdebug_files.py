@@ -182,3 +182,21 @@ def test_breakpoint_race_matches_qemu_io(tmp_path: Path, messages: list[str]) ->
         assert blk.pread(0, 4096) == b"\x11" * 4096
         assert blk.pread(65536, 4096) == b"\x22" * 4096
     assert messages == ["blkdebug: Suspended request 'A'", "blkdebug: Resuming request 'A'"]
+
+
+@pytest.mark.parametrize("form", ["file-prefix", "nested-blkdebug", "image-dict", "image-string"])
+def test_image_names_open_a_protocol_node(tmp_path: Path, form: str) -> None:
+    """The image below blkdebug is a protocol node, never a probed format (as QEMU)."""
+    img = make_image(tmp_path / "p.raw", pattern=0x33)
+    spec: tuple[str | None, dict[str, object]] = {
+        "file-prefix": (f"blkdebug::file:{img}", {"driver": "blkdebug"}),
+        "nested-blkdebug": (f"blkdebug::blkdebug::{img}", {"driver": "blkdebug"}),
+        "image-dict": (None, {"driver": "blkdebug", "image": {"filename": img}}),
+        "image-string": (None, {"driver": "blkdebug", "x-image": img}),
+    }[form]
+    with BlockBackend.open(spec[0], spec[1]) as blk:
+        node = blk.bs
+        while node.drv.name == "blkdebug":  # type: ignore[union-attr]
+            node = node.file.bs  # type: ignore[union-attr]
+        assert node.drv.name == "file" and node.filename == img  # type: ignore[union-attr]
+        assert blk.pread(0, 4) == b"\x33" * 4

@@ -226,7 +226,7 @@ def bdrv_open(bs: BlockDriverState, options: dict[str, Any], flags: OpenFlags) -
         rules += parse_config_file(str(st.config))
     for kind in ("inject-error", "set-state"):
         if options.get(kind) is not None:
-            rules += parse_rule_options(options.pop(kind), kind, len(rules), st.config)
+            rules += parse_rule_options(options.pop(kind), kind, len(rules), bs.node_name)
         options.pop(kind, None)
     st.engine.add_all(rules)
     st.limits = {key: _size(options, key) for key in _LIMIT_KEYS}
