@@ -6,13 +6,14 @@ from __future__ import annotations
 import ctypes
 
 import pytest
-from blockcore import BlockBackend, OpenFlags
+from blockcore import BlockBackend, OpenFlags, hookimpl, register_driver, unregister_driver
 from blockcore.drivers import bdrv_find_format, bdrv_find_protocol
-from blockcore.errors import BlockError, NotSupportedError
-from blockcore.graph import bdrv_open, bdrv_unref
+from blockcore.errors import BlockError, NotSupportedError, PermissionConflictError
+from blockcore.graph import bdrv_open, bdrv_open_child, bdrv_unref
 from blockcore.info import bdrv_is_sg
 from blockcore.io import bdrv_flush
 from blockcore.special import bdrv_co_ioctl
+from blockcore.types import ChildRole, DriverDescriptor
 
 from blockcore_host_device import ioctl as io_
 from blockcore_host_device.fake import FakeSg
@@ -103,3 +104,40 @@ def test_sg_io_through_a_scsi_block_device(fake, co) -> None:
         assert not bdrv_is_sg(blk.bs) and blk.getlength() == len(DISC)
         hdr, data, _ = _sg_io(co, blk.bs, bytes([0x25] + [0] * 9), 8)
         assert hdr.status == 0 and int.from_bytes(data[4:], "big") == 2048
+
+
+class _TinyFormat:
+    """An in-process image format that opens a 'file' child (stands in for qcow2)."""
+
+    name = "tinyfmt"
+
+    @hookimpl
+    def bdrv_describe(self) -> DriverDescriptor:
+        return DriverDescriptor(format_name=self.name, is_format=True, child_names=("file",))
+
+    @hookimpl
+    def bdrv_open(self, bs, options, flags) -> None:
+        bdrv_open_child(bs, options, "file", ChildRole.IMAGE)
+
+
+def test_no_image_format_on_an_sg_node(fake, sg) -> None:
+    drv = _TinyFormat()
+    register_driver(drv, drv.name)
+    try:
+        with pytest.raises(PermissionConflictError, match="SCSI generic node '/dev/sg0' cannot "
+                           "hold a 'tinyfmt' image: use 'raw' or no format"):  # fmt: skip
+            bdrv_open(None, {"driver": "tinyfmt", "file": {"driver": "host_device",
+                                                            "filename": "/dev/sg0"}})  # fmt: skip
+        assert sg.use_count == 0  # the node was closed again
+    finally:
+        unregister_driver(drv.name)
+
+
+def test_probing_puts_raw_on_an_sg_node(fake, sg) -> None:
+    pytest.importorskip("blockcore_raw")
+    bs = bdrv_open("/dev/sg0", None, OpenFlags.RDWR)
+    try:
+        assert bs.drv.name == "raw"
+        assert bs.file.bs.drv.name == "host_device" and bdrv_is_sg(bs.file.bs)
+    finally:
+        bdrv_unref(bs)

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 from blockcore import hookimpl, posix
-from blockcore.errors import BlockError, NotSupportedError
+from blockcore.errors import BlockError, NotSupportedError, PermissionConflictError
 from blockcore.graph import BlockDriverState
 from blockcore.info import bdrv_apply_auto_read_only
 from blockcore.types import (
@@ -311,9 +311,23 @@ def bdrv_refresh_limits(bs: BlockDriverState, limits: BlockLimits) -> BlockLimit
 # -------------------------------------------------------------------------------------------
 
 
+def _refuse_formats_on_sg(bs: BlockDriverState) -> None:
+    """Only raw may sit on a SCSI generic node: it has no data to hold an image format
+    (QEMU's find_image_format gives raw for sg, and raw passes the ioctls through)."""
+    for c in bs.parents:
+        parent = c.parent
+        drv = getattr(parent, "drv", None) if parent.parent_is_bds else None
+        if drv is not None and drv.descriptor.is_format and drv.name != "raw":
+            raise PermissionConflictError(f"SCSI generic node {bs.filename!r} cannot hold a "
+                                          f"{drv.name!r} image: use 'raw' or no format",
+                                          bs.filename)  # fmt: skip
+
+
 @hookimpl
 def bdrv_check_perm(bs: BlockDriverState, perm: Perm, shared: Perm) -> None:
     st = state(bs)
+    if st.sg:
+        _refuse_formats_on_sg(bs)
     if st.lock is not None and not bs.open_flags & OpenFlags.INACTIVE:
         st.lock.prepare(perm, shared)
 
