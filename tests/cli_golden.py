@@ -111,7 +111,9 @@ def load_golden(path: Path) -> Golden:
     background: list[str] = []
     cur: Step | None = None
     last_stream: str | None = None
-    for raw in path.read_text().split("\n")[:-1]:
+    with path.open(newline="") as f:
+        text = f.read()
+    for raw in text.split("\n")[:-1]:
         kind, rest = raw[:1], raw[1:]
         if kind == "#":
             comments.append(rest[1:] if rest.startswith(" ") else rest)
