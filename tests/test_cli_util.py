@@ -308,7 +308,6 @@ def test_progress_matches_qemu_img_convert() -> None:
     out = io.StringIO()
     p = cu.Progress(True, 1.0, out)
     p.print(0, 100)
-    for _ in range(16):
     done = 0
     for _ in range(16):
         done += 4096
