@@ -1,0 +1,173 @@
+"""``blockcore-img``: qemu-img 7.2's command line over blockcore.
+
+Same subcommands, options, output lines, JSON and exit codes as qemu-img, so scripts that
+drive qemu-img work unchanged. Each subcommand lives in its own module (``info``, ``check``,
+``map``, ...) and exposes ``run(argv) -> int``; :mod:`.output` holds the pure formatters and
+:mod:`.common` the shared option handling and error texts. Error lines are prefixed with the
+program's name as invoked, so a ``qemu-img`` link to this program prints what qemu-img prints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ..cliutil import CliError, GetoptLong, LongOpt, error_report, prog_name, set_prog_name
+
+__all__ = ["main", "print_help"]
+
+VERSION = "7.2.0"
+
+#: subcommand -> (module, usage line); the order is qemu-img's help order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "amend": ("misc", "amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] "
+                      "[--force] -o options filename"),
+    "bench": ("bench", "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] "
+                       "[-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] "
+                       "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename"),
+    "bitmap": ("misc", "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | "
+                       "--disable)... [-b source_file [-F source_fmt]] [-g granularity] "
+                       "[--object objectdef] [--image-opts | -f fmt] filename bitmap"),
+    "check": ("check", "check [--object objectdef] [--image-opts] [-q] [-f fmt] "
+                       "[--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename"),
+    "commit": ("misc", "commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] "
+                       "[-b base] [-r rate_limit] [-d] [-p] filename"),
+    "compare": ("compare", "compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] "
+                           "[-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2"),
+    "convert": ("convert", "convert [--object objectdef] [--image-opts] [--target-image-opts] "
+                           "[--target-is-zero] [--bitmaps] [-U] [-C] [-c] [-p] [-q] [-n] "
+                           "[-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
+                           "[-B backing_file [-F backing_fmt]] [-o options] "
+                           "[-l snapshot_param] [-S sparse_size] [-r rate_limit] "
+                           "[-m num_coroutines] [-W] [--salvage] filename [filename2 [...]] "
+                           "output_filename"),
+    "create": ("create", "create [--object objectdef] [-q] [-f fmt] [-b backing_file "
+                         "[-F backing_fmt]] [-u] [-o options] filename [size]"),
+    "dd": ("misc", "dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] "
+                   "[count=blocks] [skip=blocks] if=input of=output"),
+    "info": ("info", "info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
+                     "[--backing-chain] [-U] filename"),
+    "map": ("map", "map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] "
+                   "[--max-length=len] [--output=ofmt] [-U] filename"),
+    "measure": ("measure", "measure [--output=ofmt] [-O output_fmt] [-o options] "
+                           "[--size N | [--object objectdef] [--image-opts] [-f fmt] "
+                           "[-l snapshot_param] filename]"),
+    "snapshot": ("misc", "snapshot [--object objectdef] [--image-opts] [-U] [-q] "
+                         "[-l | -a snapshot | -c snapshot | -d snapshot] filename"),
+    "rebase": ("misc", "rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] "
+                       "[-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] "
+                       "filename"),
+    "resize": ("resize", "resize [--object objectdef] [--image-opts] [-f fmt] "
+                         "[--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size"),
+}
+
+
+def print_help() -> None:
+    """``qemu-img --help``: usage, command syntax and the installed formats."""
+    prog = prog_name("blockcore-img")
+    lines = [
+        f"{prog} version {VERSION} (blockcore, a Python reimplementation of the QEMU block layer)",
+        f"usage: {prog} [standard options] command [command options]",
+        "QEMU disk image utility",
+        "",
+        "    '-h', '--help'       display this help and exit",
+        "    '-V', '--version'    output version information and exit",
+        "    '-T', '--trace'      [[enable=]<pattern>][,events=<file>][,file=<file>]",
+        "                         specify tracing options",
+        "",
+        "Command syntax:",
+    ]
+    lines += [f"  {usage}" for _, usage in COMMANDS.values()]
+    lines += [
+        "",
+        "Command parameters:",
+        "  'filename' is a disk image filename",
+        "  'fmt' is the disk image format. It is guessed automatically in most cases",
+        "  'size' is the disk image size in bytes. Optional suffixes",
+        "    'k' or 'K' (kilobyte, 1024), 'M' (megabyte, 1024k), 'G' (gigabyte, 1024M),",
+        "    'T' (terabyte, 1024G), 'P' (petabyte, 1024T) and 'E' (exabyte, 1024P)  are",
+        "    supported. 'b' is ignored.",
+        "  '-p' show progress of command (only certain commands)",
+        "  '-q' use Quiet mode - do not print any output (except errors)",
+        "  '--output' takes the format in which the output must be done (human or json)",
+        "",
+    ]
+    try:
+        from ..drivers import bdrv_list_drivers
+
+        formats = sorted(bdrv_list_drivers())
+    except Exception:  # noqa: BLE001 - help must not fail
+        formats = []
+    sys.stdout.write("\n".join(lines) + "\nSupported formats: " + " ".join(formats) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``blockcore-img`` (and ``python -m blockcore.img``)."""
+    args = list(sys.argv if argv is None else argv)
+    if not args:
+        args = ["blockcore-img"]
+    from .common import quiet_library_logs
+
+    quiet_library_logs()
+    try:
+        status = _main(args)
+    except CliError as exc:
+        if exc.message:
+            error_report(exc.message, exc.hint)
+        status = exc.status
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.write("\n")
+        status = 130
+    except BrokenPipeError:
+        status = 1
+    except Exception as exc:  # noqa: BLE001 - a one-line error, never a traceback
+        import os
+
+        if os.environ.get("BLOCKCORE_DEBUG"):
+            raise
+        error_report(f"{type(exc).__name__}: {exc}")
+        status = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    return status
+
+
+def _main(argv: list[str]) -> int:
+    from .common import error_exit
+
+    if len(argv) < 2:
+        raise error_exit("Not enough arguments")
+    g = GetoptLong(argv, "+:hVT:", [LongOpt("help", 0, "h"), LongOpt("version", 0, "V"),
+                                     LongOpt("trace", 1, "T")])  # fmt: skip
+    for c, _arg in g:
+        if c == ":":
+            raise error_exit(f"missing argument for option '{g.last_arg}'")
+        if c == "?":
+            raise error_exit(f"unrecognized option '{g.last_arg}'")
+        if c == "h":
+            print_help()
+            return 0
+        if c == "V":
+            prog = prog_name("blockcore-img")
+            sys.stdout.write(f"{prog} version {VERSION} (blockcore)\n"
+                             "Command line compatible with qemu-img 7.2\n")
+            return 0
+        # -T (tracing) is accepted and ignored
+    rest = g.argv[g.optind:]
+    if not rest:
+        return 0
+    cmd = rest[0]
+    if cmd not in COMMANDS:
+        raise error_exit(f"Command not found: {cmd}")
+    module = importlib.import_module(f".{COMMANDS[cmd][0]}", __name__)
+    runner = getattr(module, f"img_{cmd}")
+    return int(runner(rest))
+
+
+def _module_main() -> int:
+    set_prog_name(prog_name("blockcore-img"))
+    return main()

@@ -1,0 +1,277 @@
+"""What every ``blockcore-img`` subcommand shares: option loops, opening images, error texts."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ..cliutil import (
+    CliError,
+    GetoptLong,
+    LongOpt,
+    error_report,
+    flatten,
+    parse_json_filename,
+    parse_opts,
+    prog_name,
+    qemu_strtosz,
+    strerror,
+)
+from ..types import OpenFlags
+
+__all__ = [
+    "CliError",
+    "cvtnum",
+    "cvtnum_full",
+    "describe_error",
+    "error_exit",
+    "getopts",
+    "img_open",
+    "out",
+    "parse_cache_mode",
+    "parse_output",
+]
+
+INT64_MAX = (1 << 63) - 1
+
+OBJECT = LongOpt("object", 1, "\x02object")
+IMAGE_OPTS = LongOpt("image-opts", 0, "\x02image-opts")
+HELP = LongOpt("help", 0, "h")
+FORCE_SHARE = LongOpt("force-share", 0, "U")
+OUTPUT = LongOpt("output", 1, "\x02output")
+
+
+def out(text: str) -> None:
+    """Write to stdout (QEMU's printf)."""
+    sys.stdout.write(text)
+
+
+def error_exit(message: str) -> CliError:
+    """qemu-img's ``error_exit``: the message, then a pointer to ``--help``; exit status 1."""
+    return CliError(message, 1, hint=f"Try '{prog_name('blockcore-img')} --help' for more information")
+
+
+def getopts(argv: Sequence[str], optstring: str, longopts: Sequence[LongOpt] = ()
+            ) -> tuple[Iterator[tuple[str, str | None]], GetoptLong]:
+    """Iterate ``(option, argument)`` like qemu-img's getopt loops.
+
+    Unknown options, missing arguments and ``-h`` end the command the way qemu-img does.
+    After the loop, ``g.argv[g.optind:]`` are the operands.
+    """
+    g = GetoptLong(argv, optstring, longopts)
+
+    def gen() -> Iterator[tuple[str, str | None]]:
+        for c, arg in g:
+            if c == ":":
+                raise error_exit(f"missing argument for option '{g.last_arg}'")
+            if c == "?":
+                raise error_exit(f"unrecognized option '{g.last_arg}'")
+            if c == "h":
+                from . import print_help
+
+                print_help()
+                raise CliError(None, 0)
+            if c == "\x01":  # only with a leading '-' in optstring
+                continue
+            yield c, arg
+
+    return gen(), g
+
+
+def parse_output(value: str | None) -> str:
+    """``--output``: human (default) or json."""
+    if value is None or value == "human":
+        return "human"
+    if value == "json":
+        return "json"
+    raise CliError("--output must be used with human or json as argument.")
+
+
+def cvtnum_full(name: str, value: str, minimum: int, maximum: int) -> int:
+    """qemu-img's ``cvtnum_full`` with its two error messages."""
+    try:
+        res, _ = qemu_strtosz(value)
+    except ValueError:
+        error_report(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for")
+        raise CliError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+                       ) from None
+    except OverflowError:
+        res = maximum + 1
+    if res > maximum or res < minimum:
+        raise CliError(f"Invalid {name} specified. Must be between {minimum} and {maximum}.")
+    return res
+
+
+def cvtnum(name: str, value: str) -> int:
+    return cvtnum_full(name, value, 0, INT64_MAX)
+
+
+def parse_cache_mode(mode: str) -> tuple[OpenFlags, bool]:
+    """``bdrv_parse_cache_mode``: the flags a cache mode sets, and whether it is writethrough."""
+    if mode in ("off", "none"):
+        return OpenFlags.NOCACHE, False
+    if mode == "directsync":
+        return OpenFlags.NOCACHE, True
+    if mode == "writeback":
+        return OpenFlags.NONE, False
+    if mode == "unsafe":
+        return OpenFlags.NO_FLUSH, False
+    if mode == "writethrough":
+        return OpenFlags.NONE, True
+    raise ValueError(mode)
+
+
+def parse_aio(mode: str) -> OpenFlags:
+    """``bdrv_parse_aio``: threads, native or io_uring."""
+    if mode == "threads":
+        return OpenFlags.NONE
+    if mode == "native":
+        return OpenFlags.NATIVE_AIO
+    if mode == "io_uring":
+        return OpenFlags.IO_URING
+    raise ValueError(mode)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors from the library, as QEMU words them
+# --------------------------------------------------------------------------------------------
+
+
+def describe_error(exc: BaseException) -> tuple[str, str | None]:
+    """The message QEMU would print for ``exc`` (without the "Could not open" prefix) and its
+    hint lines."""
+    hint = getattr(exc, "hint", None)
+    if isinstance(exc, OSError):
+        from ..errors import BlockError, DriverNotFoundError
+
+        text = exc.strerror or ""
+        if isinstance(exc, DriverNotFoundError):
+            return _driver_message(text), hint
+        if not isinstance(exc, BlockError) and exc.errno is not None:
+            # raised by the OS (open, lock): QEMU's file driver says which file
+            base = strerror(exc.errno)
+            if exc.filename is not None:
+                return f"Could not open '{exc.filename}': {base}", hint
+            return base, hint
+        if not text:
+            text = strerror(exc.errno)
+        return text[:1].upper() + text[1:], hint
+    if isinstance(exc, ValueError):
+        return str(exc), hint
+    return f"{type(exc).__name__}: {exc}", hint
+
+
+def _driver_message(text: str) -> str:
+    import re
+
+    m = re.search(r"driver '([^']*)'", text)
+    name = m.group(1) if m else "?"
+    if "failed to load" in text:
+        return f"Unknown driver '{name}' ({text})"
+    return f"Unknown driver '{name}'"
+
+
+def open_options(filename: str, fmt: str | None, image_opts: bool, force_share: bool
+                 ) -> tuple[str | None, dict[str, Any]]:
+    """Split an image name into (filename, options) as ``img_open`` does."""
+    if image_opts:
+        if fmt:
+            raise CliError("--image-opts and --format are mutually exclusive")
+        opts: dict[str, Any] = dict(parse_opts(filename, implied="file", warn=True))
+        if force_share:
+            if "force-share" in opts and opts["force-share"] != "on":
+                raise CliError("--force-share/-U conflicts with image options")
+            opts["force-share"] = "on"
+        if "driver" not in opts and "file" not in opts:
+            raise CliError(f"Could not open '{filename}': Must specify either driver or file")
+        if "file" in opts and isinstance(opts["file"], str) and "driver" not in opts:
+            return opts.pop("file"), opts
+        return None, opts
+    opts = {}
+    if filename.startswith("json:"):
+        try:
+            opts = parse_json_filename(filename)
+        except ValueError as exc:
+            raise CliError(f"Could not open '{filename}': {exc}") from None
+        name: str | None = None
+    else:
+        name = filename
+    if fmt:
+        opts["driver"] = fmt
+    if force_share:
+        opts["force-share"] = True
+    return name, opts
+
+
+def check_driver(fmt: str | None) -> None:
+    """Fail like QEMU when ``-f`` names no installed driver."""
+    if not fmt:
+        return
+    from ..drivers import bdrv_find_format
+    from ..errors import DriverNotFoundError
+
+    try:
+        bdrv_find_format(fmt)
+    except DriverNotFoundError as exc:
+        raise CliError(_driver_message(exc.strerror or f"driver '{fmt}'")) from None
+
+
+def img_open(filename: str, fmt: str | None = None, flags: OpenFlags = OpenFlags.NONE,
+             *, image_opts: bool = False, force_share: bool = False,
+             what: str | None = None) -> Any:
+    """Open an image as qemu-img's ``img_open``: a BlockBackend, or ``CliError`` with
+    ``Could not open '<name>': <reason>``."""
+    from ..backend import BlockBackend
+
+    name, opts = open_options(filename, fmt, image_opts, force_share)
+    try:
+        check_driver(fmt)
+    except CliError as exc:
+        raise CliError(f"Could not open '{what or filename}': {exc.message}") from None
+    try:
+        blk = BlockBackend.open(name, flatten(opts), flags)
+    except (OSError, ValueError) as exc:
+        msg, hint = describe_error(exc)
+        raise CliError(f"Could not open '{what or filename}': {msg}", hint=hint) from None
+    warn_probed_raw(blk.bs, flags)
+    return blk
+
+
+def warn_probed_raw(bs: Any, flags: OpenFlags) -> None:
+    """raw-format.c's warning when a writable image's format was guessed as raw."""
+    drv = getattr(bs, "drv", None)
+    if drv is None or drv.name != "raw" or not getattr(bs, "probed_format", False):
+        return
+    if not flags & OpenFlags.RDWR:
+        return
+    name = bs.file.bs.filename if bs.file is not None else bs.filename
+    sys.stdout.flush()
+    sys.stderr.write(
+        f"WARNING: Image format was not specified for '{name}' and probing guessed raw.\n"
+        "         Automatically detecting the format is dangerous for raw images, write "
+        "operations on block 0 will be restricted.\n"
+        "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+    sys.stderr.flush()
+
+
+def quiet_library_logs() -> None:
+    """Keep the library's log records off stderr (QEMU prints its own lines)."""
+    import logging
+    import os
+
+    root = logging.getLogger()
+    if os.environ.get("BLOCKCORE_DEBUG"):
+        if not root.handlers:
+            logging.basicConfig(level=logging.DEBUG)
+        return
+    if not any(isinstance(h, logging.NullHandler) for h in root.handlers):
+        root.addHandler(logging.NullHandler())
+    logging.getLogger("blockcore").propagate = True
+
+
+def errno_of(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
