@@ -88,11 +88,12 @@ class CliError(Exception):
 
 
 def error_report(message: str, hint: str | None = None, file: TextIO | None = None) -> None:
-    """``prog: message`` on stderr, then the hint lines as they are (QEMU's error_append_hint)."""
+    """``prog: message`` on stderr, then the hint verbatim (QEMU's error_append_hint text,
+    which normally ends with a newline)."""
     out = file or sys.stderr
     out.write(f"{prog_name()}: {message}\n")
     if hint:
-        out.write(hint if hint.endswith("\n") else hint + "\n")
+        out.write(hint)
     out.flush()
 
 

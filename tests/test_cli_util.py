@@ -290,7 +290,7 @@ def test_error_report_uses_program_name(monkeypatch: pytest.MonkeyPatch) -> None
     cu.set_prog_name(None)
     err = io.StringIO()
     cu.error_report("Could not open 'x': Failed to get \"write\" lock",
-                    hint="Is another process using the image [x]?", file=err)
+                    hint="Is another process using the image [x]?\n", file=err)
     assert err.getvalue() == ("qemu-img: Could not open 'x': Failed to get \"write\" lock\n"
                               "Is another process using the image [x]?\n")
     monkeypatch.setattr("sys.argv", ["/x/blockcore/img/__main__.py"])

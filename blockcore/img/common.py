@@ -50,7 +50,8 @@ def out(text: str) -> None:
 
 def error_exit(message: str) -> CliError:
     """qemu-img's ``error_exit``: the message, then a pointer to ``--help``; exit status 1."""
-    return CliError(message, 1, hint=f"Try '{prog_name('blockcore-img')} --help' for more information")
+    return CliError(message, 1,
+                    hint=f"Try '{prog_name('blockcore-img')} --help' for more information\n")
 
 
 def getopts(argv: Sequence[str], optstring: str, longopts: Sequence[LongOpt] = ()
@@ -143,6 +144,8 @@ def describe_error(exc: BaseException) -> tuple[str, str | None]:
     """The message QEMU would print for ``exc`` (without the "Could not open" prefix) and its
     hint lines."""
     hint = getattr(exc, "hint", None)
+    if hint and not hint.endswith("\n"):
+        hint += "\n"
     if isinstance(exc, OSError):
         from ..errors import BlockError, DriverNotFoundError
 
