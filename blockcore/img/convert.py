@@ -1,0 +1,574 @@
+"""``blockcore-img convert``: copy images into a new (or existing, ``-n``) image.
+
+The copy follows qemu-img's ``convert_do_copy``: block status decides, per run, whether the
+source holds data, zeros or nothing (then the target's backing file shows through, ``-B``);
+data runs are scanned for zero sectors (``-S``, default 4 KiB) so the target stays sparse;
+``-c`` writes whole compressed clusters; ``-C`` asks for copy offloading first.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..cliutil import CliError, Progress, error_report, qemu_strtol, strerror, warn_report
+from ..types import BdrvRequestFlags as F
+from ..types import BlockStatusFlags as S
+from ..types import OpenFlags
+from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, LongOpt, cvtnum, describe_error
+from .common import getopts, img_open, parse_cache_mode
+from .create import accumulate_options
+from .createopts import CreateOpts
+
+__all__ = ["img_convert", "is_allocated_sectors", "is_allocated_sectors_min"]
+
+SECTOR = 512
+IO_BUF_SIZE = 2 << 20
+MAX_BUF_SECTORS = 32768
+MAX_COROUTINES = 16
+BDRV_REQUEST_MAX_SECTORS = ((1 << 31) - 1) >> 9 << 9 >> 9
+_ZERO = bytes(SECTOR)
+
+BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = range(3)
+
+
+def _sector_is_zero(view: memoryview, i: int) -> bool:
+    return view[i * SECTOR:(i + 1) * SECTOR] == _ZERO
+
+
+def is_allocated_sectors(buf: memoryview, n: int, sector_num: int, alignment: int
+                         ) -> tuple[bool, int]:
+    """(allocated, pnum): the run of sectors sharing the first one's zero/non-zero state,
+    aligned to ``alignment`` sectors as qemu-img does."""
+    if n <= 0:
+        return False, 0
+    is_zero = _sector_is_zero(buf, 0)
+    i = 1
+    while i < n and _sector_is_zero(buf, i) == is_zero:
+        i += 1
+    tail = (sector_num + i) & (alignment - 1)
+    if tail:
+        if is_zero and i <= tail:
+            is_zero = False  # a small zero tail counts as allocated
+        if not is_zero:
+            i = min(i + alignment - tail, n)
+        else:
+            i -= tail
+    return not is_zero, i
+
+
+def is_allocated_sectors_min(buf: memoryview, n: int, min_sparse: int, sector_num: int,
+                             alignment: int) -> tuple[bool, int]:
+    """Like :func:`is_allocated_sectors`, ignoring zero runs shorter than ``min_sparse`` after
+    data (no tiny holes in write requests)."""
+    min_sparse = min(min_sparse, n)
+    ret, pnum = is_allocated_sectors(buf, n, sector_num, alignment)
+    if not ret:
+        return ret, pnum
+    num_used = pnum
+    pos = pnum
+    n -= pnum
+    sector_num += pnum
+    num_checked = num_used
+    while n > 0:
+        ret, pnum = is_allocated_sectors(buf[pos * SECTOR:], n, sector_num, alignment)
+        pos += pnum
+        n -= pnum
+        sector_num += pnum
+        num_checked += pnum
+        if ret:
+            num_used = num_checked
+        elif pnum >= min_sparse:
+            break
+    return True, num_used
+
+
+@dataclass
+class ConvertState:
+    src: list[Any] = field(default_factory=list)
+    src_names: list[str] = field(default_factory=list)
+    src_sectors: list[int] = field(default_factory=list)
+    total_sectors: int = 0
+    allocated_sectors: int = 0
+    allocated_done: int = 0
+    status: int = BLK_DATA
+    sector_next_status: int = 0
+    target: Any = None
+    has_zero_init: bool = False
+    compressed: bool = False
+    target_is_new: bool = False
+    target_has_backing: bool = False
+    target_backing_sectors: int = -1
+    copy_range: bool = False
+    salvage: bool = False
+    quiet: bool = False
+    min_sparse: int = 8
+    alignment: int = 1
+    cluster_sectors: int = 0
+    buf_sectors: int = IO_BUF_SIZE // SECTOR
+    progress: Progress | None = None
+
+
+def _select_part(s: ConvertState, sector_num: int) -> tuple[int, int]:
+    cur, base = 0, 0
+    while sector_num - base >= s.src_sectors[cur]:
+        base += s.src_sectors[cur]
+        cur += 1
+    return cur, base
+
+
+def _iteration_sectors(s: ConvertState, sector_num: int) -> int:
+    """``convert_iteration_sectors``: sectors from ``sector_num`` sharing one status."""
+    from ..status import bdrv_block_status, bdrv_block_status_above
+
+    cur, base = _select_part(s, sector_num)
+    n = min(s.total_sectors - sector_num, BDRV_REQUEST_MAX_SECTORS)
+    post_backing_zero = False
+    if s.target_backing_sectors >= 0:
+        if sector_num >= s.target_backing_sectors:
+            post_backing_zero = True
+        elif sector_num + n > s.target_backing_sectors:
+            n = s.target_backing_sectors - sector_num
+    if s.sector_next_status <= sector_num:
+        offset = (sector_num - base) * SECTOR
+        while True:
+            count = n * SECTOR
+            try:
+                bs = s.src[cur].bs
+                if s.target_has_backing:
+                    st = bdrv_block_status(bs, offset, count)
+                else:
+                    st = bdrv_block_status_above(bs, None, offset, count)
+                ret, count = st.ret, st.pnum
+                break
+            except OSError as exc:
+                if not s.salvage:
+                    error_report(f"error while reading block status at offset {offset}: "
+                                 f"{strerror(exc.errno or 5)}")
+                    raise _Failed(exc.errno or 5) from None
+                if n == 1:
+                    if not s.quiet:
+                        warn_report(f"error while reading block status at offset {offset}: "
+                                    f"{strerror(exc.errno or 5)}")
+                    ret, count = S.DATA, SECTOR
+                    break
+                n = -(-n // 4)
+        n = -(-count // SECTOR)
+        if ret & S.ZERO:
+            s.status = BLK_BACKING_FILE if post_backing_zero else BLK_ZERO
+        elif ret & S.DATA:
+            s.status = BLK_DATA
+        else:
+            s.status = BLK_BACKING_FILE if s.target_has_backing else BLK_DATA
+        s.sector_next_status = sector_num + n
+    n = min(n, s.sector_next_status - sector_num)
+    if s.status == BLK_DATA:
+        n = min(n, s.buf_sectors)
+    if s.compressed:
+        if n < s.cluster_sectors:
+            n = min(s.cluster_sectors, s.total_sectors - sector_num)
+            s.status = BLK_DATA
+        else:
+            n -= n % s.cluster_sectors
+    return n
+
+
+class _Failed(Exception):
+    def __init__(self, err: int) -> None:
+        self.err = err
+
+
+def _read(s: ConvertState, sector_num: int, nb_sectors: int) -> bytearray:
+    buf = bytearray(nb_sectors * SECTOR)
+    pos = 0
+    single_until = 0
+    while nb_sectors > 0:
+        cur, base = _select_part(s, sector_num)
+        blk = s.src[cur]
+        offset = (sector_num - base) * SECTOR
+        n = min(nb_sectors, s.src_sectors[cur] - (sector_num - base))
+        if single_until > offset:
+            n = 1
+        try:
+            data = blk.pread(offset, n * SECTOR)
+            buf[pos:pos + len(data)] = data
+        except OSError as exc:
+            if not s.salvage:
+                raise
+            if n > 1:
+                single_until = offset + n * SECTOR
+                continue
+            if not s.quiet:
+                warn_report(f"error while reading offset {offset}: {strerror(exc.errno or 5)}")
+            buf[pos:pos + SECTOR] = _ZERO
+        sector_num += n
+        nb_sectors -= n
+        pos += n * SECTOR
+    return buf
+
+
+def _write(s: ConvertState, sector_num: int, nb_sectors: int, buf: bytearray | None,
+           status: int) -> None:
+    view = memoryview(buf) if buf is not None else None
+    pos = 0
+    flags = F.WRITE_COMPRESSED if s.compressed else F.NONE
+    while nb_sectors > 0:
+        n = nb_sectors
+        if status == BLK_BACKING_FILE:
+            pass
+        else:
+            write_data = False
+            if status == BLK_DATA:
+                assert view is not None
+                chunk = view[pos * SECTOR:]
+                if not s.min_sparse:
+                    write_data = True
+                elif not s.compressed:
+                    write_data, n = is_allocated_sectors_min(chunk, n, s.min_sparse, sector_num,
+                                                            s.alignment)
+                else:
+                    write_data = bytes(chunk[:n * SECTOR]) != bytes(n * SECTOR)
+            if write_data:
+                assert view is not None
+                s.target.pwrite(sector_num * SECTOR, view[pos * SECTOR:(pos + n) * SECTOR], flags)
+            elif not s.has_zero_init:
+                s.target.pwrite_zeroes(sector_num * SECTOR, n * SECTOR, F.MAY_UNMAP)
+        sector_num += n
+        nb_sectors -= n
+        pos += n
+
+
+def _copy_range(s: ConvertState, sector_num: int, nb_sectors: int) -> None:
+    from ..aio import run
+    from ..special import bdrv_co_copy_range
+
+    while nb_sectors > 0:
+        cur, base = _select_part(s, sector_num)
+        offset = (sector_num - base) * SECTOR
+        n = min(nb_sectors, s.src_sectors[cur] - (sector_num - base))
+        run(bdrv_co_copy_range(s.src[cur].root, offset, s.target.root, sector_num * SECTOR,
+                               n * SECTOR, F.NONE, F.NONE))
+        sector_num += n
+        nb_sectors -= n
+
+
+def convert_do_copy(s: ConvertState) -> None:
+    from ..info import bdrv_has_zero_init
+
+    if not s.has_zero_init and s.target_is_new and s.min_sparse and not s.target_has_backing:
+        s.has_zero_init = bdrv_has_zero_init(s.target.bs)
+    if s.compressed:
+        if s.cluster_sectors <= 0 or s.cluster_sectors > s.buf_sectors:
+            raise CliError("invalid cluster size")
+        s.buf_sectors = s.cluster_sectors
+    sector_num = 0
+    while sector_num < s.total_sectors:
+        n = _iteration_sectors(s, sector_num)
+        if s.status == BLK_DATA or (not s.min_sparse and s.status == BLK_ZERO):
+            s.allocated_sectors += n
+        sector_num += n
+    s.sector_next_status = 0
+    sector_num = 0
+    while sector_num < s.total_sectors:
+        n = _iteration_sectors(s, sector_num)
+        status = s.status
+        if not s.min_sparse and status == BLK_ZERO:
+            n = min(n, s.buf_sectors)
+        if status == BLK_DATA or (not s.min_sparse and status == BLK_ZERO):
+            s.allocated_done += n
+            if s.progress is not None:
+                s.progress.print(100.0 * s.allocated_done / s.allocated_sectors, 0)
+        buf: bytearray | None = None
+        copy_range = s.copy_range and status == BLK_DATA
+        if copy_range:
+            try:
+                _copy_range(s, sector_num, n)
+            except OSError:
+                s.copy_range = copy_range = False
+        if status == BLK_DATA and not copy_range:
+            try:
+                buf = _read(s, sector_num, n)
+            except OSError as exc:
+                error_report(f"error while reading at byte {sector_num * SECTOR}: "
+                             f"{strerror(exc.errno or 5)}")
+                raise _Failed(exc.errno or 5) from None
+        elif not s.min_sparse and status == BLK_ZERO:
+            status = BLK_DATA
+            buf = bytearray(n * SECTOR)
+        if not copy_range:
+            try:
+                _write(s, sector_num, n, buf, status)
+            except OSError as exc:
+                error_report(f"error while writing at byte {sector_num * SECTOR}: "
+                             f"{strerror(exc.errno or 5)}")
+                raise _Failed(exc.errno or 5) from None
+        sector_num += n
+
+
+def img_convert(argv: list[str]) -> int:
+    fmt = out_fmt = out_baseimg = backing_fmt = snapshot_name = None
+    cache, src_cache = "unsafe", "writeback"
+    options: str | None = None
+    image_opts = skip_create = progress = tgt_image_opts = force_share = False
+    explicit_min_sparse = bitmaps = False
+    s = ConvertState()
+    longopts = [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE,
+                LongOpt("target-image-opts", 0, "\x02target-image-opts"),
+                LongOpt("salvage", 0, "\x02salvage"),
+                LongOpt("target-is-zero", 0, "\x02target-is-zero"),
+                LongOpt("bitmaps", 0, "\x02bitmaps"),
+                LongOpt("skip-broken-bitmaps", 0, "\x02skip-broken-bitmaps")]  # fmt: skip
+    opts, g = getopts(argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", longopts)
+    for c, arg in opts:
+        if c == "f":
+            fmt = arg
+        elif c == "O":
+            out_fmt = arg
+        elif c == "B":
+            out_baseimg = arg
+        elif c == "C":
+            s.copy_range = True
+        elif c == "c":
+            s.compressed = True
+        elif c == "F":
+            backing_fmt = arg
+        elif c == "o":
+            options = accumulate_options(options, arg or "")
+        elif c == "l":
+            snapshot_name = arg
+        elif c == "S":
+            sval = cvtnum("buffer size for sparse output", arg or "")
+            if sval % SECTOR or sval // SECTOR > MAX_BUF_SECTORS:
+                raise CliError("Invalid buffer size for sparse output specified. Valid sizes "
+                               f"are multiples of {SECTOR} up to {MAX_BUF_SECTORS * SECTOR}. "
+                               "Select 0 to disable sparse detection (fully allocates output).")
+            s.min_sparse = sval // SECTOR
+            explicit_min_sparse = True
+        elif c == "p":
+            progress = True
+        elif c == "t":
+            cache = arg or ""
+        elif c == "T":
+            src_cache = arg or ""
+        elif c == "q":
+            s.quiet = True
+        elif c == "n":
+            skip_create = True
+        elif c == "m":
+            try:
+                m = qemu_strtol(arg or "")
+            except (ValueError, OverflowError):
+                m = 0
+            if not 1 <= m <= MAX_COROUTINES:
+                raise CliError("Invalid number of coroutines. Allowed number of coroutines is "
+                               f"between 1 and {MAX_COROUTINES}")
+        elif c == "W":
+            pass  # writes are issued in order anyway
+        elif c == "U":
+            force_share = True
+        elif c == "r":
+            try:
+                rate = cvtnum("rate limit", arg or "")
+            except CliError:
+                raise
+            _ = rate  # accepted; the copy is not throttled
+        elif c == "\x02image-opts":
+            image_opts = True
+        elif c == "\x02salvage":
+            s.salvage = True
+        elif c == "\x02target-image-opts":
+            tgt_image_opts = True
+        elif c == "\x02target-is-zero":
+            s.has_zero_init = True
+        elif c == "\x02bitmaps":
+            bitmaps = True
+    if not out_fmt and not tgt_image_opts:
+        out_fmt = "raw"
+    if s.compressed and s.copy_range:
+        raise CliError("Cannot enable copy offloading when -c is used")
+    if explicit_min_sparse and s.copy_range:
+        raise CliError("Cannot enable copy offloading when -S is used")
+    if s.copy_range and s.salvage:
+        raise CliError("Cannot use copy offloading in salvaging mode")
+    if tgt_image_opts and not skip_create:
+        raise CliError("--target-image-opts requires use of -n flag")
+    if skip_create and options:
+        raise CliError("-o has no effect when skipping image creation")
+    if s.has_zero_init and not skip_create:
+        raise CliError("--target-is-zero requires use of -n flag")
+    operands = g.argv[g.optind:]
+    src_num = len(operands) - 1
+    out_filename = operands[-1] if src_num >= 1 else None
+    if options is not None:
+        from ..cliutil import has_help_option
+
+        if has_help_option(options):
+            if out_fmt:
+                from .create import print_option_help
+
+                return print_option_help(out_fmt, out_filename)
+            raise CliError("Option help requires a format be specified")
+    if src_num < 1:
+        raise CliError("Must specify image file name")
+    try:
+        src_flags, _ = parse_cache_mode(src_cache)
+    except ValueError:
+        raise CliError(f"Invalid source cache option: {src_cache}") from None
+    if s.quiet:
+        progress = False
+    s.progress = Progress(progress, 1.0)
+    s.progress.print(0, 100)
+    ok = False
+    try:
+        _convert(s, operands[:-1], out_filename or "", fmt, out_fmt, out_baseimg, backing_fmt,
+                 options, cache, src_flags, image_opts, tgt_image_opts, skip_create,
+                 force_share, snapshot_name, bitmaps)
+        ok = True
+    except _Failed:
+        return 1
+    finally:
+        if ok:
+            s.progress.print(100, 0)
+        s.progress.end()
+        if s.target is not None:
+            s.target.close()
+        for blk in s.src:
+            blk.close()
+    return 0
+
+
+def _can_compress(fmt: str) -> bool:
+    from ..drivers import bdrv_find_format
+
+    try:
+        drv = bdrv_find_format(fmt)
+    except OSError:
+        return False
+    return drv.bdrv_co_pwritev_compressed is not None  # type: ignore[attr-defined]
+
+
+def _convert(s: ConvertState, sources: list[str], out_filename: str, fmt: str | None,
+             out_fmt: str | None, out_baseimg: str | None, backing_fmt: str | None,
+             options: str | None, cache: str, src_flags: OpenFlags, image_opts: bool,
+             tgt_image_opts: bool, skip_create: bool, force_share: bool,
+             snapshot_name: str | None, bitmaps: bool) -> None:
+    from ..io import bdrv_nb_sectors
+
+    for name in sources:
+        blk = img_open(name, fmt, src_flags, image_opts=image_opts, force_share=force_share)
+        s.src.append(blk)
+        s.src_names.append(name)
+        try:
+            sectors = bdrv_nb_sectors(blk.bs)
+        except OSError as exc:
+            raise CliError(f"Could not get size of {name}: {strerror(exc.errno or 5)}") from None
+        s.src_sectors.append(sectors)
+        s.total_sectors += sectors
+    if snapshot_name is not None:
+        raise CliError(f"Failed to load snapshot: snapshot '{snapshot_name}' not found")
+    opts: CreateOpts | None = None
+    if not skip_create:
+        from ..errors import DriverNotFoundError
+
+        assert out_fmt is not None
+        try:
+            opts = CreateOpts(out_fmt)
+        except DriverNotFoundError:
+            raise CliError(f"Unknown file format '{out_fmt}'") from None
+        if not opts.can_create:
+            raise CliError(f"Format driver '{out_fmt}' does not support image creation")
+        if options:
+            opts.parse(options)
+        opts.set_number("size", s.total_sectors * SECTOR)
+        if out_baseimg is not None:
+            if not opts.has("backing_file"):
+                raise CliError(f"Backing file not supported for file format '{out_fmt}'")
+            opts.set("backing_file", out_baseimg)
+        if backing_fmt is not None:
+            if not opts.has("backing_fmt"):
+                raise CliError(f"Backing file format not supported for file format '{out_fmt}'")
+            opts.set("backing_fmt", backing_fmt)
+    param = opts.get("backing_file") if opts is not None else None
+    if param:
+        out_baseimg = param
+    s.target_has_backing = bool(out_baseimg)
+    if s.has_zero_init and s.target_has_backing:
+        raise CliError("Cannot use --target-is-zero when the destination image has a backing "
+                       "file")
+    if len(sources) > 1 and out_baseimg:
+        raise CliError("Having a backing file for the target makes no sense when "
+                       "concatenating multiple input images")
+    if param and opts is not None and not opts.get("backing_fmt"):
+        raise CliError("Use of backing file requires explicit backing format")
+    if s.compressed:
+        if opts is not None:
+            if out_fmt and not _can_compress(out_fmt):
+                raise CliError("Compression not supported for this file format")
+            if opts.get("encryption") or opts.get("encrypt.format"):
+                raise CliError("Compression and encryption not supported at the same time")
+            prealloc = opts.get("preallocation")
+            if prealloc and prealloc != "off":
+                raise CliError("Compression and preallocation not supported at the same time")
+    if bitmaps:
+        raise CliError("Source lacks bitmap support")
+    if not skip_create:
+        assert opts is not None and out_fmt is not None
+        from ..special import bdrv_create
+
+        try:
+            bdrv_create(out_fmt, out_filename, opts.driver_options())
+        except (OSError, ValueError) as exc:
+            msg, hint = describe_error(exc)
+            raise CliError(f"{out_filename}: error while converting {out_fmt}: {msg}",
+                           hint=hint) from None
+    s.target_is_new = not skip_create
+    flags = OpenFlags.RDWR | (OpenFlags.UNMAP if s.min_sparse else OpenFlags.NONE)
+    try:
+        cache_flags, _ = parse_cache_mode(cache)
+    except ValueError:
+        raise CliError(f"Invalid cache option: {cache}") from None
+    s.target = img_open(out_filename, out_fmt if not tgt_image_opts else None, flags | cache_flags,
+                        image_opts=tgt_image_opts)
+    out_bs = s.target.bs
+    if s.compressed and not _can_compress(out_bs.drv.name):
+        raise CliError("Compression not supported for this file format")
+    s.buf_sectors = min(MAX_BUF_SECTORS, max(s.buf_sectors, out_bs.bl.opt_transfer // SECTOR,
+                                             out_bs.bl.pdiscard_alignment // SECTOR))
+    pow2 = 1
+    while pow2 * 2 <= max(s.min_sparse, 1):
+        pow2 *= 2
+    s.alignment = max(pow2 if s.min_sparse else 1, -(-out_bs.bl.request_alignment // SECTOR))
+    if skip_create:
+        from ..io import bdrv_nb_sectors as nb
+
+        try:
+            out_sectors = nb(out_bs)
+        except OSError as exc:
+            raise CliError(f"unable to get output image length: {strerror(exc.errno or 5)}"
+                           ) from None
+        if out_sectors < s.total_sectors:
+            raise CliError("output file is smaller than input file")
+    if s.target_has_backing and s.target_is_new and out_bs.backing is not None:
+        try:
+            s.target_backing_sectors = bdrv_nb_sectors(out_bs.backing.bs)
+        except OSError:
+            s.target_backing_sectors = -1
+    else:
+        s.target_backing_sectors = -1
+    from ..errors import NotSupportedError
+    from ..info import bdrv_get_info
+
+    try:
+        bdi = bdrv_get_info(out_bs)
+        s.compressed = s.compressed or bdi.needs_compressed_writes
+        s.cluster_sectors = bdi.cluster_size // SECTOR
+    except (NotSupportedError, OSError):
+        if s.compressed:
+            raise CliError("could not get block driver info") from None
+    convert_do_copy(s)
+    try:
+        s.target.flush()
+    except OSError as exc:
+        raise CliError(f"error while flushing: {strerror(exc.errno or 5)}") from None
+    sys.stdout.flush()
