@@ -10,6 +10,7 @@ host-filesystem allocation (``disk size``, ``actual-size``).
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -50,13 +51,36 @@ def _driver_available(name: str) -> bool:
     return True
 
 
-def _needs(step: Step, g: Golden) -> list[str]:
-    text = step.command + " " + " ".join(g.comments)
-    needs = []
-    if "qcow2" in text:
-        needs.append("qcow2")
-    if "blkdebug" in text:
-        needs.append("blkdebug")
+def _own_needs(command: str) -> set[str]:
+    needs = set()
+    if "qcow2" in command:
+        needs.add("qcow2")
+    if "blkdebug" in command:
+        needs.add("blkdebug")
+    return needs
+
+
+def _tokens(command: str) -> set[str]:
+    try:
+        return set(shlex.split(command))
+    except ValueError:
+        return set(command.split())
+
+
+def _needs(step: Step, g: Golden) -> set[str]:
+    """Drivers a step needs: named in it, or in an earlier step touching the same files."""
+    needs = _own_needs(step.command)
+    if step.command == "ls":
+        for other in g.steps:
+            needs |= _own_needs(other.command)
+        return needs
+    mine = {t for t in _tokens(step.command) if "." in t and not t.startswith("-")}
+    for other in g.steps:
+        if other is step:
+            break
+        theirs = _own_needs(other.command) | {n for s in other.setup for n in _own_needs(s)}
+        if theirs and mine & _tokens(other.command):
+            needs |= theirs
     return needs
 
 
@@ -106,7 +130,7 @@ def test_blockcore_matches_qemu(case: tuple[str, int],
     name, i = case
     g = GOLDENS[name]
     step = g.steps[i]
-    missing = [d for d in _needs(step, g) if not _driver_available(d)]
+    missing = sorted(d for d in _needs(step, g) if not _driver_available(d))
     if missing:
         pytest.skip(f"driver(s) not loadable: {', '.join(missing)}")
     for (gname, prefix), reason in KNOWN_DIFFERENCES.items():

@@ -1,0 +1,574 @@
+"""The smaller ``blockcore-img`` subcommands: rebase, commit, amend, snapshot, dd, bitmap."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from typing import Any
+
+from ..cliutil import CliError, Progress, error_report, parse_opts, strerror
+from ..types import BdrvRequestFlags as F
+from ..types import OpenFlags
+from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, LongOpt, cvtnum, cvtnum_full
+from .common import describe_error, error_exit, getopts, img_open, out, parse_cache_mode
+from .create import accumulate_options
+from .info import full_backing_filename
+
+__all__ = ["img_amend", "img_bitmap", "img_commit", "img_dd", "img_rebase", "img_snapshot"]
+
+IO_BUF_SIZE = 2 << 20
+SECTOR = 512
+INT_MAX = (1 << 31) - 1
+
+
+def _hook(bs: Any, name: str) -> Any:
+    drv = getattr(bs, "drv", None)
+    return getattr(drv, name, None) if drv is not None else None
+
+
+def change_backing_file(bs: Any, backing_file: str, backing_fmt: str) -> None:
+    """``bdrv_change_backing_file`` (the core has no wrapper: the driver hook is called)."""
+    fn = _hook(bs, "bdrv_change_backing_file")
+    if fn is None:
+        raise OSError(errno.ENOTSUP, strerror(errno.ENOTSUP))
+    fn(bs, backing_file, backing_fmt)
+    bs.backing_file = backing_file
+    bs.backing_format = backing_fmt
+
+
+# ---------------------------------------------------------------------------- rebase
+def img_rebase(argv: list[str]) -> int:
+    fmt = out_basefmt = out_baseimg = None
+    cache = src_cache = "writeback"
+    unsafe = progress = quiet = image_opts = force_share = False
+    opts, g = getopts(argv, ":hf:F:b:upt:T:qU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
+    for c, arg in opts:
+        if c == "f":
+            fmt = arg
+        elif c == "F":
+            out_basefmt = arg
+        elif c == "b":
+            out_baseimg = arg
+        elif c == "u":
+            unsafe = True
+        elif c == "p":
+            progress = True
+        elif c == "t":
+            cache = arg or ""
+        elif c == "T":
+            src_cache = arg or ""
+        elif c == "q":
+            quiet = True
+        elif c == "U":
+            force_share = True
+        elif c == "\x02image-opts":
+            image_opts = True
+    if quiet:
+        progress = False
+    rest = g.argv[g.optind:]
+    if len(rest) != 1:
+        raise error_exit("Expecting one image file name")
+    if not unsafe and out_baseimg is None:
+        raise error_exit("Must specify backing file (-b) or use unsafe mode (-u)")
+    filename = rest[0]
+    prog = Progress(progress, 2.0)
+    prog.print(0, 100)
+    try:
+        try:
+            flags, _ = parse_cache_mode(cache)
+        except ValueError:
+            raise CliError(f"Invalid cache option: {cache}") from None
+        try:
+            src_flags, _ = parse_cache_mode(src_cache)
+        except ValueError:
+            raise CliError(f"Invalid source cache option: {src_cache}") from None
+        flags |= OpenFlags.RDWR | (OpenFlags.NO_BACKING if unsafe else OpenFlags.NONE)
+        blk = img_open(filename, fmt, flags, image_opts=image_opts)
+        try:
+            _rebase(blk, filename, out_baseimg, out_basefmt, unsafe, src_flags, force_share,
+                    prog)
+        finally:
+            blk.close()
+    finally:
+        prog.end()
+    return 0
+
+
+def _rebase(blk: Any, filename: str, out_baseimg: str | None, out_basefmt: str | None,
+            unsafe: bool, src_flags: OpenFlags, force_share: bool, prog: Progress) -> None:
+    from ..backend import BlockBackend
+    from ..io import bdrv_getlength
+    from ..status import bdrv_is_allocated
+    from .common import check_driver
+
+    bs = blk.bs
+    if out_basefmt is not None:
+        try:
+            check_driver(out_basefmt)
+        except CliError:
+            raise CliError(f"Invalid format name: '{out_basefmt}'") from None
+    old_backing = new_backing = None
+    try:
+        if not unsafe:
+            if bs.backing is not None:
+                old_backing = BlockBackend.attach(bs.backing.bs)
+            if out_baseimg:
+                real = full_backing_filename(bs.filename or filename, out_baseimg)
+                if real is None:
+                    raise CliError("Could not resolve backing filename: Cannot use relative "
+                                   f"backing file names for '{filename}'")
+                try:
+                    new_backing = img_open(real, out_basefmt, src_flags,
+                                           force_share=force_share)
+                except CliError as exc:
+                    msg = exc.message or ""
+                    prefix = f"Could not open '{real}': "
+                    msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+                    raise CliError(f"Could not open new backing file '{out_baseimg}': {msg}",
+                                   hint=exc.hint) from None
+            size = bdrv_getlength(bs)
+            old_size = bdrv_getlength(old_backing.bs) if old_backing else 0
+            new_size = bdrv_getlength(new_backing.bs) if new_backing else 0
+            local = 100.0 / (size / min(size, IO_BUF_SIZE)) if size else 0.0
+            offset = 0
+            while offset < size:
+                n = min(IO_BUF_SIZE, size - offset)
+                try:
+                    allocated, n = bdrv_is_allocated(bs, offset, n)
+                except OSError as exc:
+                    raise CliError("error while reading image metadata: "
+                                   f"{strerror(exc.errno or 5)}") from None
+                if allocated:
+                    offset += n
+                    continue
+                old_zero = False
+                if offset >= old_size:
+                    buf_old = bytes(n)
+                    old_zero = True
+                else:
+                    n = min(n, old_size - offset)
+                    try:
+                        buf_old = old_backing.pread(offset, n) if old_backing else bytes(n)
+                    except OSError:
+                        raise CliError("error while reading from old backing file") from None
+                if offset >= new_size or new_backing is None:
+                    buf_new = bytes(n)
+                else:
+                    n = min(n, new_size - offset)
+                    try:
+                        buf_new = new_backing.pread(offset, n)
+                    except OSError:
+                        raise CliError("error while reading from new backing file") from None
+                from .compare import compare_buffers
+
+                written = 0
+                while written < n:
+                    differ, pnum = compare_buffers(buf_old[written:], buf_new[written:],
+                                                   n - written)
+                    if differ:
+                        try:
+                            if old_zero:
+                                blk.pwrite_zeroes(offset + written, pnum)
+                            else:
+                                blk.pwrite(offset + written, buf_old[written:written + pnum])
+                        except OSError as exc:
+                            raise CliError("Error while writing to COW image: "
+                                           f"{strerror(exc.errno or 5)}") from None
+                    written += pnum
+                offset += n
+                prog.print(local, 100)
+        try:
+            if out_baseimg:
+                if not out_basefmt:
+                    raise OSError(errno.EINVAL, "backing format must be specified")
+                change_backing_file(bs, out_baseimg, out_basefmt)
+            else:
+                change_backing_file(bs, "", "")
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise CliError(f"Could not change the backing file to '{out_baseimg}': No "
+                               "space left in the file header") from None
+            msg = exc.strerror or strerror(exc.errno)
+            raise CliError(f"Could not change the backing file to '{out_baseimg}': {msg}"
+                           ) from None
+        prog.print(100, 0)
+    finally:
+        for b in (old_backing, new_backing):
+            if b is not None:
+                b.close()
+
+
+# ---------------------------------------------------------------------------- commit
+def img_commit(argv: list[str]) -> int:
+    fmt = base = None
+    cache = "writeback"
+    progress = quiet = drop = image_opts = False
+    opts, g = getopts(argv, ":f:ht:b:dpqr:", [HELP, OBJECT, IMAGE_OPTS])
+    for c, arg in opts:
+        if c == "f":
+            fmt = arg
+        elif c == "t":
+            cache = arg or ""
+        elif c == "b":
+            base = arg
+            drop = True
+        elif c == "d":
+            drop = True
+        elif c == "p":
+            progress = True
+        elif c == "q":
+            quiet = True
+        elif c == "r":
+            cvtnum("rate limit", arg or "")
+        elif c == "\x02image-opts":
+            image_opts = True
+    if quiet:
+        progress = False
+    rest = g.argv[g.optind:]
+    if len(rest) != 1:
+        raise error_exit("Expecting one image file name")
+    filename = rest[0]
+    try:
+        flags, _ = parse_cache_mode(cache)
+    except ValueError:
+        raise CliError(f"Invalid cache option: {cache}") from None
+    blk = img_open(filename, fmt, flags | OpenFlags.RDWR | OpenFlags.UNMAP,
+                   image_opts=image_opts)
+    prog = Progress(progress, 1.0)
+    prog.print(0, 100)
+    try:
+        _commit(blk, filename, base, drop, prog)
+    finally:
+        prog.end()
+        blk.close()
+    if not quiet:
+        out("Image committed.\n")
+    return 0
+
+
+def _commit(blk: Any, filename: str, base: str | None, drop: bool, prog: Progress) -> None:
+    from ..backend import BlockBackend
+    from ..graph import bdrv_cow_bs
+    from ..io import bdrv_getlength
+    from ..status import bdrv_is_allocated_above
+
+    bs = blk.bs
+    top_backing = bdrv_cow_bs(bs)
+    if base is not None:
+        base_bs = top_backing
+        while base_bs is not None and base_bs.filename != base:
+            base_bs = bdrv_cow_bs(base_bs)
+        if base_bs is None:
+            raise CliError(f"Did not find '{base}' in the backing chain of '{filename}'")
+    else:
+        base_bs = top_backing
+        if base_bs is None:
+            raise CliError("Image does not have a backing file")
+    from ..graph import bdrv_refresh_perms
+
+    # the base must be writable for the commit (QEMU reopens it read-write)
+    try:
+        _reopen_rw(base_bs)
+        base_blk = BlockBackend.attach(base_bs)
+    except OSError as exc:
+        msg, hint = describe_error(exc)
+        raise CliError(msg, hint=hint) from None
+    try:
+        size = bdrv_getlength(bs)
+        if bdrv_getlength(base_bs) < size:
+            base_blk.truncate(size)
+        offset = 0
+        while offset < size:
+            n = min(IO_BUF_SIZE, size - offset)
+            depth, n = bdrv_is_allocated_above(bs, base_bs, False, offset, n)
+            if depth:
+                data = blk.pread(offset, n)
+                base_blk.pwrite(offset, data)
+            offset += n
+            prog.print(100.0 * offset / size if size else 100, 0)
+        base_blk.flush()
+    except OSError as exc:
+        raise CliError(f"Block job failed: {strerror(exc.errno or 5)}") from None
+    finally:
+        base_blk.close()
+    if not drop:
+        fn = _hook(bs, "bdrv_make_empty")
+        if fn is not None:
+            try:
+                fn(bs)
+            except OSError as exc:
+                if exc.errno != errno.ENOTSUP:
+                    raise CliError(exc.strerror or strerror(exc.errno)) from None
+    prog.print(100, 0)
+    _ = bdrv_refresh_perms
+
+
+def _reopen_rw(bs: Any) -> None:
+    """Make a backing node writable (QEMU reopens it); without a core reopen, flip the flag
+    and refresh permissions."""
+    from ..graph import bdrv_refresh_perms
+
+    if bs.open_flags & OpenFlags.RDWR:
+        return
+    old = bs.open_flags
+    bs.open_flags |= OpenFlags.RDWR
+    for child in bs.children:
+        if not child.bs.open_flags & OpenFlags.RDWR:
+            child.bs.open_flags |= OpenFlags.RDWR
+    try:
+        bdrv_refresh_perms(bs)
+    except BaseException:
+        bs.open_flags = old
+        raise
+
+
+# ---------------------------------------------------------------------------- amend
+def img_amend(argv: list[str]) -> int:
+    fmt = None
+    cache = "writeback"
+    options: str | None = None
+    quiet = progress = image_opts = force = False
+    opts, g = getopts(argv, ":ho:f:t:pq", [HELP, OBJECT, IMAGE_OPTS,
+                                           LongOpt("force", 0, "\x02force")])
+    for c, arg in opts:
+        if c == "o":
+            options = accumulate_options(options, arg or "")
+        elif c == "f":
+            fmt = arg
+        elif c == "t":
+            cache = arg or ""
+        elif c == "p":
+            progress = True
+        elif c == "q":
+            quiet = True
+        elif c == "\x02image-opts":
+            image_opts = True
+        elif c == "\x02force":
+            force = True
+    if options is None:
+        raise error_exit("Must specify options (-o)")
+    rest = g.argv[g.optind:]
+    if quiet:
+        progress = False
+    prog = Progress(progress, 1.0)
+    try:
+        if len(rest) != 1:
+            raise CliError("Expecting one image file name")
+        try:
+            flags, _ = parse_cache_mode(cache)
+        except ValueError:
+            raise CliError(f"Invalid cache option: {cache}") from None
+        blk = img_open(rest[0], fmt, flags | OpenFlags.RDWR, image_opts=image_opts)
+        try:
+            bs = blk.bs
+            fmt_name = bs.drv.name
+            fn = _hook(bs, "bdrv_amend_options")
+            if fn is None:
+                raise CliError(f"Format driver '{fmt_name}' does not support option amendment")
+            from .createopts import CreateOpts
+
+            copts = CreateOpts(fmt_name, with_protocol=False)
+            try:
+                copts.parse(options)
+            except CliError as exc:
+                raise CliError(exc.message, hint=exc.hint) from None
+            prog.print(0, 0)
+            try:
+                fn(bs, copts.driver_options(), force)
+            except (OSError, ValueError) as exc:
+                msg, hint = describe_error(exc)
+                raise CliError(msg, hint=hint) from None
+            prog.print(100, 0)
+        finally:
+            blk.close()
+    finally:
+        prog.end()
+    return 0
+
+
+# ---------------------------------------------------------------------------- snapshot
+def img_snapshot(argv: list[str]) -> int:
+    action = None
+    name: str | None = None
+    quiet = image_opts = force_share = False
+    opts, g = getopts(argv, ":la:c:d:hqU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
+    for c, arg in opts:
+        if c in "lacd":
+            if action:
+                raise error_exit("Cannot mix '-l', '-a', '-c', '-d'")
+            action, name = c, arg
+        elif c == "q":
+            quiet = True
+        elif c == "U":
+            force_share = True
+        elif c == "\x02image-opts":
+            image_opts = True
+    rest = g.argv[g.optind:]
+    if len(rest) != 1:
+        raise error_exit("Expecting one image file name")
+    flags = OpenFlags.NONE if action == "l" else OpenFlags.RDWR
+    blk = img_open(rest[0], None, flags, image_opts=image_opts, force_share=force_share)
+    try:
+        bs = blk.bs
+        lister = getattr(getattr(bs.drv, "plugin", None), "bdrv_snapshot_list", None)
+        if action == "l":
+            snaps = list(lister(bs)) if lister else []
+            if snaps:
+                from .output import snapshot_header, snapshot_line
+
+                out("Snapshot list:\n" + snapshot_header() + "\n")
+                for sn in snaps:
+                    out(snapshot_line(sn) + "\n")
+        elif action == "c":
+            raise CliError(f"Could not create snapshot '{name}': -{errno.ENOTSUP} "
+                           f"({strerror(errno.ENOTSUP)})")
+        elif action == "a":
+            raise CliError(f"Could not apply snapshot '{name}': Block driver does not "
+                           "support snapshots")
+        elif action == "d":
+            raise CliError(f"Could not delete snapshot '{name}': snapshot not found")
+    finally:
+        blk.close()
+    _ = quiet
+    return 0
+
+
+# ---------------------------------------------------------------------------- dd
+def img_dd(argv: list[str]) -> int:
+    fmt: str | None = None
+    out_fmt = "raw"
+    image_opts = force_share = False
+    opts, g = getopts(argv, ":hf:O:U", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
+    for c, arg in opts:
+        if c == "O":
+            out_fmt = arg or ""
+        elif c == "f":
+            fmt = arg
+        elif c == "U":
+            force_share = True
+        elif c == "\x02image-opts":
+            image_opts = True
+    bsz = 512
+    count: int | None = None
+    skip: int | None = None
+    in_name = out_name = None
+    for arg in g.argv[g.optind:]:
+        key, eq, value = arg.partition("=")
+        if not eq or key not in ("bs", "count", "if", "of", "skip"):
+            raise CliError(f"unrecognized operand {key if eq else arg}")
+        if key == "bs":
+            bsz = cvtnum_full("bs", value, 1, INT_MAX)
+        elif key == "count":
+            count = cvtnum("count", value)
+        elif key == "if":
+            in_name = value
+        elif key == "of":
+            out_name = value
+        else:
+            skip = cvtnum("skip", value)
+    if in_name is None or out_name is None:
+        raise CliError("Must specify both input and output files")
+    blk1 = img_open(in_name, fmt, OpenFlags.NONE, image_opts=image_opts, force_share=force_share)
+    try:
+        return _dd(blk1, in_name, out_name, out_fmt, bsz, count, skip)
+    finally:
+        blk1.close()
+
+
+def _dd(blk1: Any, in_name: str, out_name: str, out_fmt: str, bsz: int, count: int | None,
+        skip: int | None) -> int:
+    from ..io import bdrv_getlength
+    from .createopts import CreateOpts
+
+    try:
+        copts = CreateOpts(out_fmt)
+    except OSError:
+        raise CliError("Unknown file format") from None
+    size = bdrv_getlength(blk1.bs)
+    if count is not None and count * bsz < size:
+        size = count * bsz
+    skip_bytes = (skip or 0) * bsz
+    beyond = skip is not None and size < skip_bytes
+    copts.set_number("size", 0 if beyond else size - skip_bytes)
+    from ..special import bdrv_create
+
+    try:
+        bdrv_create(out_fmt, out_name, copts.driver_options())
+    except (OSError, ValueError) as exc:
+        msg, hint = describe_error(exc)
+        raise CliError(f"{out_name}: error while creating output image: {msg}",
+                       hint=hint) from None
+    blk2 = img_open(out_name, out_fmt, OpenFlags.RDWR)
+    try:
+        if beyond:
+            error_report(f"{in_name}: cannot skip to specified offset")
+            in_pos = size
+        else:
+            in_pos = skip_bytes
+        out_pos = 0
+        while in_pos < size:
+            n = min(bsz, size - in_pos)
+            try:
+                data = blk1.pread(in_pos, n)
+            except OSError as exc:
+                raise CliError("error while reading from input image file: "
+                               f"{strerror(exc.errno or 5)}") from None
+            in_pos += n
+            try:
+                blk2.pwrite(out_pos, data)
+            except OSError as exc:
+                raise CliError("error while writing to output image file: "
+                               f"{strerror(exc.errno or 5)}") from None
+            out_pos += n
+    finally:
+        blk2.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------- bitmap
+def img_bitmap(argv: list[str]) -> int:
+    actions: list[tuple[str, str | None]] = []
+    fmt = src_fmt = src_filename = None
+    granularity = 0
+    image_opts = False
+    longopts = [HELP, OBJECT, IMAGE_OPTS, LongOpt("add", 0, "\x02add"),
+                LongOpt("remove", 0, "\x02remove"), LongOpt("clear", 0, "\x02clear"),
+                LongOpt("enable", 0, "\x02enable"), LongOpt("disable", 0, "\x02disable"),
+                LongOpt("merge", 1, "\x02merge"), LongOpt("granularity", 1, "g"),
+                LongOpt("source-file", 1, "b"), LongOpt("source-format", 1, "F")]  # fmt: skip
+    opts, g = getopts(argv, ":b:f:F:g:h", longopts)
+    for c, arg in opts:
+        if c == "b":
+            src_filename = arg
+        elif c == "f":
+            fmt = arg
+        elif c == "F":
+            src_fmt = arg
+        elif c == "g":
+            granularity = cvtnum("granularity", arg or "")
+        elif c == "\x02image-opts":
+            image_opts = True
+        elif c.startswith("\x02"):
+            actions.append((c[1:], arg))
+    if not actions:
+        raise CliError("Need at least one of --add, --remove, --clear, --enable, --disable, "
+                       "or --merge")
+    if granularity and not any(a == "add" for a, _ in actions):
+        raise CliError("granularity only supported with --add")
+    if src_fmt and not src_filename:
+        raise CliError("-F only supported with -b")
+    if src_filename and not any(a == "merge" for a, _ in actions):
+        raise CliError("Merge bitmap source file only supported with --merge")
+    rest = g.argv[g.optind:]
+    if len(rest) != 2:
+        raise CliError("Expecting filename and bitmap name")
+    blk = img_open(rest[0], fmt, OpenFlags.RDWR, image_opts=image_opts)
+    try:
+        op = actions[0][0]
+        raise CliError(f"Operation {op} on bitmap {rest[1]} failed: Block format "
+                       f"'{blk.bs.drv.name}' does not support persistent dirty bitmaps")
+    finally:
+        blk.close()
+
+
+_ = (F, parse_opts, sys)
