@@ -826,6 +826,8 @@ def parse_opts(text: str, implied: str | None = None, warn: bool = False) -> dic
                 if warn and name not in ("help", "?"):
                     prefix = "no" if value == "off" else ""
                     warn_report(f"short-form boolean option '{prefix}{name}' deprecated")
+                    sys.stderr.write(f"Please use {name}={value} instead\n")
+                    sys.stderr.flush()
         else:
             name = text[pos:end]
             value, pos = _get_opt_value(text, end + 1)

@@ -1,0 +1,508 @@
+"""qemu-io's other commands: alloc, map, length, info, truncate, open/close/reopen, help,
+sleep, sigraise, abort, quit and the blkdebug breakpoint commands."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from typing import Any
+
+from ..cliutil import cvtstr, dump_qobject_human, error_report, strerror
+from ..types import OpenFlags, Perm, PreallocMode
+from . import rw  # noqa: F401 - registers the I/O commands
+from .helptext import HELP
+from .rw import num, out, print_cvtnum_err
+from .state import (
+    CMD_FLAG_GLOBAL,
+    CMD_NOFILE_OK,
+    COMMANDS,
+    Command,
+    Session,
+    find_command,
+    image_opts_dict,
+    register,
+    usage,
+)
+
+SECTOR = 512
+
+
+# ---------------------------------------------------------------------------- queries
+def _is_allocated(bs: Any, offset: int, length: int) -> tuple[bool, int]:
+    from ..status import bdrv_is_allocated
+
+    return bdrv_is_allocated(bs, offset, length)
+
+
+def alloc_f(s: Session, argv: list[str]) -> int:
+    try:
+        start = offset = num(argv[1])
+    except (ValueError, OverflowError) as exc:
+        return print_cvtnum_err(exc, argv[1])
+    if len(argv) == 3:
+        try:
+            count = num(argv[2])
+        except (ValueError, OverflowError) as exc:
+            return print_cvtnum_err(exc, argv[2])
+    else:
+        count = SECTOR
+    remaining = count
+    sum_alloc = 0
+    bs = s.blk.bs
+    while remaining:
+        try:
+            allocated, n = _is_allocated(bs, offset, remaining)
+        except OSError as exc:
+            out(f"is_allocated failed: {strerror(exc.errno or 5)}\n")
+            return -(exc.errno or 5)
+        offset += n
+        remaining -= n
+        if allocated:
+            sum_alloc += n
+        if n == 0:
+            count -= remaining
+            remaining = 0
+    out(f"{sum_alloc}/{count} bytes allocated at offset {cvtstr(start)}\n")
+    return 0
+
+
+def _map_is_allocated(bs: Any, offset: int, length: int) -> tuple[bool, int]:
+    first, n = _is_allocated(bs, offset, length)
+    pnum = n
+    while length > 0:
+        offset += n
+        length -= n
+        if length <= 0:
+            break
+        ret, n = _is_allocated(bs, offset, length)
+        if ret == first and n:
+            pnum += n
+        else:
+            break
+    return first, pnum
+
+
+def map_f(s: Session, argv: list[str]) -> int:
+    from ..io import bdrv_getlength
+
+    try:
+        length = bdrv_getlength(s.blk.bs)
+    except OSError as exc:
+        error_report(f"Failed to query image length: {strerror(exc.errno or 5)}")
+        return -(exc.errno or 5)
+    offset = 0
+    while length:
+        try:
+            ret, n = _map_is_allocated(s.blk.bs, offset, length)
+        except OSError as exc:
+            error_report(f"Failed to get allocation status: {strerror(exc.errno or 5)}")
+            return -(exc.errno or 5)
+        if not n:
+            error_report("Unexpected end of image")
+            return -errno.EIO
+        state = "    allocated" if ret else "not allocated"
+        out(f"{cvtstr(n)} (0x{n:x}) bytes {state} at offset {cvtstr(offset)} (0x{offset:x})\n")
+        offset += n
+        length -= n
+    return 0
+
+
+def length_f(s: Session, argv: list[str]) -> int:
+    from ..io import bdrv_getlength
+
+    try:
+        size = bdrv_getlength(s.blk.bs)
+    except OSError as exc:
+        out(f"getlength: {strerror(exc.errno or 5)}\n")
+        return -(exc.errno or 5)
+    out(cvtstr(size) + "\n")
+    return 0
+
+
+def info_f(s: Session, argv: list[str]) -> int:
+    from ..errors import NotSupportedError
+    from ..info import bdrv_get_info, bdrv_get_specific_info
+    from ..types import BlockDriverInfo
+
+    bs = s.blk.bs
+    if bs.drv is not None:
+        out(f"format name: {bs.drv.name}\n")
+        if bs.drv.descriptor.protocol_name:
+            out(f"format name: {bs.drv.descriptor.protocol_name}\n")
+    try:
+        bdi = bdrv_get_info(bs)
+    except NotSupportedError as exc:
+        if bs.drv is None or bs.drv.name not in ("raw", "file", "host_device", "host_cdrom"):
+            return -(exc.errno or errno.ENOTSUP)
+        bdi = BlockDriverInfo()
+    except OSError as exc:
+        return -(exc.errno or 5)
+    out(f"cluster size: {cvtstr(bdi.cluster_size)}\n")
+    out(f"vm state offset: {cvtstr(bdi.vm_state_offset)}\n")
+    spec = bdrv_get_specific_info(bs)
+    if spec:
+        out("Format specific information:\n")
+        out(dump_qobject_human(spec.get("data", {}), 1))
+    return 0
+
+
+def truncate_f(s: Session, argv: list[str]) -> int:
+    prealloc = PreallocMode.OFF
+    g = s.getopt(argv, "m:")
+    for c, arg in g:
+        if c == "m":
+            try:
+                prealloc = PreallocMode(arg)
+            except ValueError:
+                error_report(f"Invalid preallocation mode '{arg}'")
+                return -errno.EINVAL
+        else:
+            return usage(TRUNCATE)
+    rest = g.argv[g.optind:]
+    if not rest:
+        return usage(TRUNCATE)
+    try:
+        offset = num(rest[0])
+    except (ValueError, OverflowError) as exc:
+        return print_cvtnum_err(exc, argv[1])
+    try:
+        s.blk.truncate(offset, False, prealloc)
+    except (OSError, ValueError) as exc:
+        from ..img.common import describe_error
+
+        msg, hint = describe_error(exc)
+        error_report(msg, hint)
+        return -(exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO)
+    return 0
+
+
+# ---------------------------------------------------------------------------- open/close
+def parse_cache(mode: str, flags: OpenFlags) -> tuple[OpenFlags, bool] | None:
+    from ..img.common import parse_cache_mode
+
+    try:
+        cache_flags, writethrough = parse_cache_mode(mode)
+    except ValueError:
+        return None
+    return (flags & ~OpenFlags.CACHE_MASK) | cache_flags, writethrough
+
+
+def parse_discard(mode: str, flags: OpenFlags) -> OpenFlags | None:
+    if mode in ("off", "ignore"):
+        return flags & ~OpenFlags.UNMAP
+    if mode in ("on", "unmap"):
+        return flags | OpenFlags.UNMAP
+    return None
+
+
+def parse_aio_flag(mode: str, flags: OpenFlags) -> OpenFlags | None:
+    from ..img.common import parse_aio
+
+    try:
+        return flags | parse_aio(mode)
+    except ValueError:
+        return None
+
+
+def open_f(s: Session, argv: list[str]) -> int:
+    flags = OpenFlags.UNMAP
+    readonly = force_share = False
+    writethrough = True
+    opts: dict[str, Any] = {}
+    g = s.getopt(argv, "snCro:ki:t:d:U")
+    for c, arg in g:
+        if c == "s":
+            flags |= OpenFlags.SNAPSHOT
+        elif c == "n":
+            flags |= OpenFlags.NOCACHE
+            writethrough = False
+        elif c == "C":
+            flags |= OpenFlags.COPY_ON_READ
+        elif c == "r":
+            readonly = True
+        elif c == "k":
+            flags |= OpenFlags.NATIVE_AIO
+        elif c == "t":
+            parsed = parse_cache(arg or "", flags)
+            if parsed is None:
+                error_report(f"Invalid cache option: {arg}")
+                return -errno.EINVAL
+            flags, writethrough = parsed
+        elif c == "d":
+            new = parse_discard(arg or "", flags)
+            if new is None:
+                error_report(f"Invalid discard option: {arg}")
+                return -errno.EINVAL
+            flags = new
+        elif c == "i":
+            new = parse_aio_flag(arg or "", flags)
+            if new is None:
+                error_report(f"Invalid aio option: {arg}")
+                return -errno.EINVAL
+            flags = new
+        elif c == "o":
+            if s.image_opts:
+                out("--image-opts and 'open -o' are mutually exclusive\n")
+                return -errno.EINVAL
+            parsed_opts = image_opts_dict(arg or "")
+            if parsed_opts is None:
+                return -errno.EINVAL
+            opts.update(parsed_opts)
+        elif c == "U":
+            force_share = True
+        else:
+            return usage(OPEN)
+    if not readonly:
+        flags |= OpenFlags.RDWR
+    rest = g.argv[g.optind:]
+    if s.image_opts and len(rest) == 1:
+        parsed_opts = image_opts_dict(rest[0])
+        if parsed_opts is None:
+            return -errno.EINVAL
+        opts.update(parsed_opts)
+        rest = []
+    if len(rest) == 1:
+        ret = s.openfile(rest[0], flags, writethrough, force_share, opts)
+    elif not rest:
+        ret = s.openfile(None, flags, writethrough, force_share, opts)
+    else:
+        return usage(OPEN)
+    return -errno.EINVAL if ret else 0
+
+
+def close_f(s: Session, argv: list[str]) -> int:
+    s.close()
+    return 0
+
+
+_REOPEN_GENERIC = {"read-only", "auto-read-only", "cache.direct", "cache.no-flush",
+                   "discard", "detect-zeroes", "force-share"}  # fmt: skip
+
+
+def reopen_f(s: Session, argv: list[str]) -> int:
+    from ..backend import BlockBackend
+    from ..cliutil import flatten
+
+    assert s.open_args is not None
+    name, old_opts, old_flags = s.open_args
+    flags = s.blk.bs.open_flags
+    writethrough = s.writethrough
+    has_rw = has_cache = False
+    new_opts: dict[str, Any] = {}
+    g = s.getopt(argv, "c:o:rw")
+    for c, arg in g:
+        if c == "c":
+            parsed = parse_cache(arg or "", flags)
+            if parsed is None:
+                error_report(f"Invalid cache option: {arg}")
+                return -errno.EINVAL
+            flags, writethrough = parsed
+            has_cache = True
+        elif c == "o":
+            parsed_opts = image_opts_dict(arg or "")
+            if parsed_opts is None:
+                return -errno.EINVAL
+            new_opts.update(parsed_opts)
+        elif c in "rw":
+            if has_rw:
+                error_report("Only one -r/-w option may be given")
+                return -errno.EINVAL
+            flags = flags & ~OpenFlags.RDWR if c == "r" else flags | OpenFlags.RDWR
+            has_rw = True
+        else:
+            return usage(REOPEN)
+    if g.optind != len(g.argv):
+        return usage(REOPEN)
+    if "read-only" in new_opts:
+        if has_rw:
+            error_report("Cannot set both -r/-w and 'read-only'")
+            return -errno.EINVAL
+        if new_opts["read-only"] in ("on", "true", "yes") and flags & OpenFlags.RDWR:
+            error_report(f"Read-only block node '{s.blk.bs.node_name}' cannot support "
+                         "read-write users")
+            return -errno.EINVAL
+    if has_cache and ({"cache.direct", "cache.no-flush"} & set(new_opts)):
+        error_report("Cannot set both -c and the cache options")
+        return -errno.EINVAL
+    drv = s.blk.bs.drv
+    known = {o.name for o in drv.descriptor.runtime_opts} if drv is not None else set()
+    for key in new_opts:
+        if key not in known and key not in _REOPEN_GENERIC:
+            error_report(f"Cannot change the option '{key}'")
+            return -errno.EINVAL
+    merged = dict(old_opts)
+    merged.update(new_opts)
+    # blockcore has no bdrv_reopen yet: close the graph and open it again with the new flags
+    s.drain()
+    s.blk.close()
+    s.blk = None
+    try:
+        s.blk = BlockBackend.open(name, flatten(merged), flags)
+        s.open_args = (name, merged, flags)
+    except (OSError, ValueError) as exc:
+        from ..img.common import describe_error
+
+        msg, hint = describe_error(exc)
+        error_report(msg, hint)
+        s.blk = BlockBackend.open(name, flatten(old_opts), old_flags)
+        return -errno.EINVAL
+    s.writethrough = writethrough
+    return 0
+
+
+def quit_f(s: Session, argv: list[str]) -> int:
+    s.quit = True
+    return 0
+
+
+# ---------------------------------------------------------------------------- help
+def help_oneline(name: str | None, cmd: Command) -> None:
+    text = f"{name} " if name else f"{cmd.name} "
+    if cmd.args is not None:
+        text += f"{cmd.args} "
+    out(text + f"-- {cmd.oneline}\n")
+
+
+def help_f(s: Session, argv: list[str]) -> int:
+    if len(argv) == 1:
+        for cmd in sorted(COMMANDS.values(), key=lambda c: c.name):
+            help_oneline(cmd.name, cmd)
+        out("\nUse 'help commandname' for extended help.\n")
+        return 0
+    cmd = find_command(argv[1])
+    if cmd is None:
+        out(f"command {argv[1]} not found\n")
+        return -errno.EINVAL
+    help_oneline(argv[1], cmd)
+    if cmd.name in HELP:
+        out(HELP[cmd.name])
+    return 0
+
+
+# ---------------------------------------------------------------------------- misc
+def sleep_f(s: Session, argv: list[str]) -> int:
+    from ..cliutil import c_strtol_prefix
+
+    ms, rest = c_strtol_prefix(argv[1])
+    if ms < 0 or rest or not argv[1].strip():
+        out(f"{argv[1]} is not a valid number\n")
+        return -errno.EINVAL
+    s.sleep(ms / 1000.0)
+    return 0
+
+
+def sigraise_f(s: Session, argv: list[str]) -> int:
+    try:
+        sig = num(argv[1])
+    except (ValueError, OverflowError) as exc:
+        return print_cvtnum_err(exc, argv[1])
+    nsig = getattr(signal, "NSIG", 65)
+    if sig > nsig:
+        out(f"signal argument '{argv[1]}' is too large to be a valid signal\n")
+        return -errno.EINVAL
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if 0 < sig < nsig:
+        if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return 0
+
+
+def abort_f(s: Session, argv: list[str]) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.abort()
+
+
+# ---------------------------------------------------------------------------- blkdebug
+def _debug_node(bs: Any, hook: str) -> Any:
+    """The first node at or below ``bs`` (primary children) whose driver has ``hook``."""
+    from ..graph import bdrv_primary_child
+
+    node = bs
+    while node is not None and node.drv is not None and getattr(node.drv, hook) is None:
+        child = bdrv_primary_child(node)
+        node = child.bs if child is not None else None
+    return node if node is not None and node.drv is not None else None
+
+
+def _debug(s: Session, hook: str, *args: str) -> int:
+    node = _debug_node(s.blk.bs, hook)
+    if node is None:
+        return -errno.ENOTSUP
+    try:
+        getattr(node.drv, hook)(node, *args)
+    except OSError as exc:
+        return -(exc.errno or errno.EIO)
+    return 0
+
+
+def break_f(s: Session, argv: list[str]) -> int:
+    ret = _debug(s, "bdrv_debug_breakpoint", argv[1], argv[2])
+    if ret < 0:
+        out(f"Could not set breakpoint: {strerror(-ret)}\n")
+    return ret
+
+
+def remove_break_f(s: Session, argv: list[str]) -> int:
+    ret = _debug(s, "bdrv_debug_remove_breakpoint", argv[1])
+    if ret < 0:
+        out(f"Could not remove breakpoint {argv[1]}: {strerror(-ret)}\n")
+    return ret
+
+
+def resume_f(s: Session, argv: list[str]) -> int:
+    ret = _debug(s, "bdrv_debug_resume", argv[1])
+    if ret < 0:
+        out(f"Could not resume request: {strerror(-ret)}\n")
+    else:
+        s.poll_once()
+    return ret
+
+
+def wait_break_f(s: Session, argv: list[str]) -> int:
+    node = _debug_node(s.blk.bs, "bdrv_debug_is_suspended")
+
+    def suspended() -> bool:
+        return bool(node is not None and node.drv.bdrv_debug_is_suspended(node, argv[1]))
+
+    s.poll_until(suspended)
+    return 0
+
+
+READ_ONLY_CMDS = [
+    Command("alloc", alloc_f, 1, 2, "offset [count]", "checks if offset is allocated in the file",
+            altname="a"),
+    Command("map", map_f, 0, 0, "", "prints the allocated areas of a file"),
+    Command("length", length_f, 0, 0, None, "gets the length of the current file",
+            altname="l"),
+    Command("info", info_f, 0, 0, None, "prints information about the current file",
+            altname="i"),
+    Command("close", close_f, 0, 0, None, "close the current open file", altname="c"),
+    Command("quit", quit_f, 0, 0, None, "exit the program", altname="q", flags=CMD_FLAG_GLOBAL),
+    Command("help", help_f, 0, 1, "[command]", "help for one or all commands", altname="?",
+            flags=CMD_FLAG_GLOBAL),
+    Command("sleep", sleep_f, 1, 1, None, "waits for the given value in milliseconds",
+            flags=CMD_NOFILE_OK),
+    Command("sigraise", sigraise_f, 1, 1, "signal", "raises a signal"),
+    Command("abort", abort_f, 0, 0, None, "simulate a program crash using abort(3)",
+            flags=CMD_FLAG_GLOBAL),
+    Command("break", break_f, 2, 2, "event tag",
+            "sets a breakpoint on event and tags the stopped request as tag"),
+    Command("remove_break", remove_break_f, 1, 1, "tag", "remove a breakpoint by tag"),
+    Command("resume", resume_f, 1, 1, "tag", "resumes the request tagged as tag"),
+    Command("wait_break", wait_break_f, 1, 1, "tag", "waits for the suspension of a request"),
+]
+for _cmd in READ_ONLY_CMDS:
+    register(_cmd)
+TRUNCATE = register(Command("truncate", truncate_f, 1, 3, "[-m prealloc_mode] off",
+                            "truncates the current file at the given offset", altname="t",
+                            perm=Perm.RESIZE))
+OPEN = register(Command("open", open_f, 1, -1,
+                        "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]",
+                        "open the file specified by path", altname="o", flags=CMD_NOFILE_OK))
+REOPEN = register(Command("reopen", reopen_f, 0, -1, "[(-r|-w)] [-c cache] [-o options]",
+                          "reopens an image with new options"))
