@@ -283,7 +283,9 @@ def test_qemu_reads_what_blockcore_wrote(make_loop) -> None:
 
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 def test_conformance_kit(any_loop, direct: bool) -> None:
-    check_driver(lambda: _open(any_loop.dev, direct, discard="unmap"), rounds=60)
+    # discard=ignore: the kit wants a discarded range all old or all zeros, while the device
+    # (as in QEMU) discards only the whole logical blocks of it; discard is tested above
+    check_driver(lambda: _open(any_loop.dev, direct), rounds=100)
 
 
 def test_node_is_closed_with_its_fd(loop) -> None:
