@@ -480,3 +480,83 @@ def encode_compressed(offset: int, nbytes: int, cluster_bits: int) -> int:
         raise _invalid(f"compressed data offset {offset:#x} beyond what the entry holds", None)
     extra_sectors = (offset + nbytes - 1) // COMPRESSED_SECTOR_SIZE - offset // COMPRESSED_SECTOR_SIZE
     return OFLAG_COMPRESSED | (extra_sectors << shift) | offset
+
+
+# -------------------------------------------------------------------------------------------
+# New images and space estimates
+# -------------------------------------------------------------------------------------------
+
+
+def empty_image(*, cluster_bits: int = 16, version: int = 3, refcount_order: int = 4,
+                lazy_refcounts: bool = False, extended_l2: bool = False,
+                compression_type: int = 0, backing_file: str | None = None,
+                backing_format: str | None = None, data_file: str | None = None,
+                data_file_raw: bool = False) -> bytes:  # fmt: skip
+    """Clusters 0..2 of a new image of size 0 (header, refcount table, one refcount block),
+    laid out as qemu-img does; the driver then grows it to its size."""
+    cs = 1 << cluster_bits
+    incompat = 0
+    if extended_l2:
+        incompat |= Incompat.EXTL2
+    if compression_type:
+        incompat |= Incompat.COMPRESSION
+    if data_file:
+        incompat |= Incompat.DATA_FILE
+    header = QCowHeader(
+        version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cluster_bits,
+        size=0, crypt_method=0, l1_size=0, l1_table_offset=0, refcount_table_offset=cs,
+        refcount_table_clusters=1, nb_snapshots=0, snapshots_offset=0,
+        incompatible_features=incompat if version >= 3 else 0,
+        compatible_features=Compat.LAZY_REFCOUNTS if lazy_refcounts else 0,
+        autoclear_features=Autoclear.DATA_FILE_RAW if data_file_raw else 0,
+        refcount_order=refcount_order,
+        header_length=V3_HEADER_LENGTH if version >= 3 else V2_HEADER_LENGTH,
+        compression_type=compression_type, extra_fields=bytes(7) if version >= 3 else b"",
+        backing_file=backing_file,
+    )  # fmt: skip
+    header = header.with_standard_extensions(backing_format, data_file)
+    out = bytearray(3 * cs)
+    head = header.pack()
+    out[: len(head)] = head
+    struct.pack_into(">Q", out, cs, 2 * cs)  # refcount table entry 0 -> block at cluster 2
+    # Refcount 1 for clusters 0, 1, 2 in the block.
+    from .refcount import set_entry
+
+    block = bytearray(cs)
+    for i in range(3):
+        set_entry(block, i, refcount_order, 1)
+    out[2 * cs :] = block
+    return bytes(out)
+
+
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
+    """Bytes of refcount table and blocks needed to cover ``clusters`` clusters plus
+    themselves (fixed point, as QEMU's qcow2_refcount_metadata_size)."""
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = 0
+    last, n = -1, 0
+    while n != last:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+    return (blocks + table) * cluster_size
+
+
+def prealloc_size(total_size: int, cluster_size: int, refcount_order: int,
+                  extended_l2: bool) -> int:  # fmt: skip
+    """Size of a fully allocated image of ``total_size`` bytes (qcow2_calc_prealloc_size)."""
+    entry = 16 if extended_l2 else 8
+    aligned = -(-total_size // cluster_size) * cluster_size
+    meta = cluster_size  # header
+    nl2e = aligned // cluster_size
+    per_l2 = cluster_size // entry
+    nl2e = -(-nl2e // per_l2) * per_l2
+    meta += nl2e * entry
+    nl1e = nl2e * entry // cluster_size
+    per_l1 = cluster_size // 8
+    nl1e = -(-nl1e // per_l1) * per_l1
+    meta += nl1e * 8
+    meta += refcount_metadata_size((meta + aligned) // cluster_size, cluster_size, refcount_order)
+    return meta + aligned

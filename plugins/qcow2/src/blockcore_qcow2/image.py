@@ -679,6 +679,115 @@ class Qcow2Image:
             await self.refcounts.update(old_off, old_size * 8, -1)
 
 
+    # ================================================================== resize / compress
+
+    async def truncate(self, size: int, prealloc: str = "off") -> None:
+        """Grow (with optional preallocation) or shrink the virtual disk."""
+        async with self.lock:
+            await self.ensure_writable()
+            geo = self.geo
+            old = self.header.size
+            if size < old:
+                if self.header.nb_snapshots:
+                    raise NotSupportedError("cannot shrink an image with snapshots",
+                                            self.file.name)  # fmt: skip
+                cs = geo.cluster_size
+                start = -(-size // cs) * cs
+                await self._shrink_unmap(start, -(-old // cs) * cs)
+            else:
+                await self.grow_l1(geo.size_to_l1(size))
+            await self.flush_metadata()
+            await self.file.flush()
+            await self.write_header(attrs.evolve(self.header, size=size))
+            if size > old and prealloc != "off":
+                await self._preallocate(old, size, prealloc)
+
+    async def _shrink_unmap(self, start: int, end: int) -> None:
+        geo = self.geo
+        pos = start
+        while pos < end:
+            l1i = geo.offset_to_l1_index(pos)
+            stop = min(end, (l1i + 1) * geo.l1_entry_span())
+            if l1i < len(self.l1) and self.l1[l1i] & L1E_OFFSET_MASK:
+                l2off, l2 = await self._l2_for_write(l1i)
+                for idx in range(geo.offset_to_l2_index(pos),
+                                 geo.offset_to_l2_index(stop - 1) + 1):  # fmt: skip
+                    entry, bitmap = self._entry(l2, idx)
+                    if entry or bitmap:
+                        self._set_entry(l2, idx, 0, 0)
+                        self.l2_cache.mark_dirty(l2off)
+                        await self._free_entry(entry, bitmap)
+                if pos == l1i * geo.l1_entry_span():
+                    # The whole L2 table is out of range now: drop it (l1_shrink_*).
+                    await self.flush_metadata()
+                    self.l1[l1i] = 0
+                    await self.file.event("l1_shrink_write_table")
+                    await self._write_l1_entry(l1i)
+                    await self.file.flush()
+                    await self.file.event("l1_shrink_free_l2_clusters")
+                    self.l2_cache.discard(l2off)
+                    await self.refcounts.update(l2off, geo.cluster_size, -1)
+            pos = stop
+
+    async def _preallocate(self, start: int, end: int, mode: str) -> None:
+        """Map every cluster of ``[start, end)`` (metadata), reserving host space for
+        falloc and writing zeros for full (qcow2's preallocate_co)."""
+        geo = self.geo
+        cs = geo.cluster_size
+        pos = geo.start_of_cluster(start)
+        host_end = 0
+        while pos < end:
+            l1i = geo.offset_to_l1_index(pos)
+            stop = min(-(-end // cs) * cs, (l1i + 1) * geo.l1_entry_span())
+            l2off, l2 = await self._l2_for_write(l1i)
+            first = geo.offset_to_l2_index(pos)
+            n = (stop - pos) // cs
+            todo = [i for i in range(first, first + n) if not self._entry(l2, i)[0]
+                    & L2E_OFFSET_MASK and cluster_type(self._entry(l2, i)[0], geo)
+                    is not CT.COMPRESSED]  # fmt: skip
+            if todo and not self.has_data_file:
+                new = await self.refcounts.alloc_clusters(len(todo))
+                await self._link_dependency()
+                for k, i in enumerate(todo):
+                    entry, bitmap = self._entry(l2, i)
+                    host = new + k * cs
+                    zero = entry & OFLAG_ZERO if not geo.extended_l2 else 0
+                    self._set_entry(l2, i, host | OFLAG_COPIED | zero,
+                                    bitmap if geo.extended_l2 else 0)  # fmt: skip
+                self.l2_cache.mark_dirty(l2off)
+                host_end = max(host_end, new + len(todo) * cs)
+                if mode == "full":
+                    await self.file.pwrite_zeroes(new, len(todo) * cs)
+            pos = stop
+        await self.flush_metadata()
+        if host_end and await self.file.getlength() < host_end:
+            await self.file.truncate(host_end)
+
+    async def write_compressed(self, offset: int, data: bytes) -> None:
+        """Store one compressed cluster at cluster-aligned ``offset`` (``data`` is the
+        compressed stream; the caller fell back to a normal write when it did not fit)."""
+        geo = self.geo
+        async with self.lock:
+            await self.ensure_writable()
+            if self.has_data_file:
+                raise NotSupportedError("compressed writes are not supported with a data file",
+                                        self.file.name)  # fmt: skip
+            l1i = geo.offset_to_l1_index(offset)
+            l2off, l2 = await self._l2_for_write(l1i)
+            idx = geo.offset_to_l2_index(offset)
+            old, old_bitmap = self._entry(l2, idx)
+            host = await self.refcounts.alloc_bytes(len(data))
+            await self.file.event("write_compressed")
+            await self.file.pwrite(host, data)
+            await self._link_dependency()
+            await self.file.event("l2_update_compressed")
+            from .format import encode_compressed
+
+            self._set_entry(l2, idx, encode_compressed(host, len(data), geo.cluster_bits), 0)
+            self.l2_cache.mark_dirty(l2off)
+            await self._free_entry(old, old_bitmap)
+
+
 async def read_header(file: ImageFile) -> QCowHeader:
     """Read and parse cluster 0 (header, extensions, backing file name)."""
     flen = await file.getlength()
