@@ -1,0 +1,594 @@
+"""The qcow2 driver hooks: adapt the node graph to the engine in :mod:`.image`."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import attrs
+
+from blockcore import graph, hookimpl, io
+from blockcore.errors import BlockError, NotSupportedError
+from blockcore.types import (
+    BdrvCheckMode,
+    BdrvCheckResult,
+    BdrvRequestFlags,
+    BlockDriverInfo,
+    BlockLimits,
+    BlockMeasureInfo,
+    BlockStatus,
+    BlockStatusFlags,
+    ChildRole,
+    Concurrency,
+    DriverDescriptor,
+    OpenFlags,
+    OptionSpec,
+    PreallocMode,
+)
+from blockcore.util import parse_bool, parse_size
+
+from .cluster import SubclusterType as ST
+from .format import QCOW_MAGIC, Autoclear, Compat, Incompat, empty_image, prealloc_size
+from .image import Qcow2Image, read_header
+from .refcount import check_image
+
+T = TypeVar("T")
+F = BdrvRequestFlags
+S = BlockStatusFlags
+
+
+class ChildFile:
+    """:class:`.cache.ImageFile` over a child edge, through :mod:`blockcore.io`.
+
+    In ``sync`` mode (GS code: open, close) it uses io's sync wrappers, so an engine
+    coroutine runs to completion without an event loop (see :func:`_run_sync`).
+    """
+
+    def __init__(self, child: Any, name: str) -> None:
+        self.child = child
+        self.name = name
+        self.sync = False
+
+    async def pread(self, offset: int, buf: memoryview) -> None:
+        if self.sync:
+            io.bdrv_pread(self.child, offset, len(buf), buf)
+        else:
+            await io.bdrv_co_preadv(self.child, offset, len(buf), buf)
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if self.sync:
+            io.bdrv_pwrite(self.child, offset, len(view), view)
+        else:
+            await io.bdrv_co_pwritev(self.child, offset, len(view), view)
+
+    async def pwrite_zeroes(self, offset: int, length: int) -> None:
+        if self.sync:
+            io.bdrv_pwrite_zeroes(self.child, offset, length, F.NONE)
+        else:
+            await io.bdrv_co_pwrite_zeroes(self.child, offset, length, F.NONE)
+
+    async def discard(self, offset: int, length: int) -> None:
+        if self.sync:
+            io.bdrv_pdiscard(self.child, offset, length)
+        else:
+            await io.bdrv_co_pdiscard(self.child, offset, length)
+
+    async def flush(self) -> None:
+        if self.sync:
+            io.bdrv_flush(self.child.bs)
+        else:
+            await io.bdrv_co_flush(self.child.bs)
+
+    async def getlength(self) -> int:
+        if self.sync:
+            return int(io.bdrv_getlength(self.child.bs))
+        return await io.bdrv_co_getlength(self.child.bs)
+
+    async def truncate(self, length: int) -> None:
+        if self.sync:
+            io.bdrv_truncate(self.child, length, False, PreallocMode.OFF, F.NONE)
+        else:
+            await io.bdrv_co_truncate(self.child, length, False, PreallocMode.OFF, F.NONE)
+
+    async def event(self, name: str) -> None:
+        if self.sync:
+            io.bdrv_debug_event(self.child.bs, name)
+        else:
+            await io.bdrv_co_debug_event(self.child.bs, name)
+
+
+class PosixFile:
+    """Plain file used only by create (the core has no coroutine-side create+open yet)."""
+
+    def __init__(self, path: str) -> None:
+        self.name = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    async def pread(self, offset: int, buf: memoryview) -> None:
+        n = os.preadv(self.fd, [buf], offset)
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        os.pwrite(self.fd, data, offset)
+
+    async def pwrite_zeroes(self, offset: int, length: int) -> None:
+        for pos in range(offset, offset + length, 1 << 20):
+            os.pwrite(self.fd, bytes(min(1 << 20, offset + length - pos)), pos)
+
+    async def discard(self, offset: int, length: int) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pass
+
+    async def getlength(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    async def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+
+    async def event(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run an engine coroutine whose I/O is all synchronous (ChildFile in sync mode)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise BlockError(errno.EDEADLK, "qcow2 metadata operation suspended in GS code")
+
+
+@attrs.define(eq=False)
+class Qcow2State:
+    """Per-node state: the engine and the adapters it uses."""
+
+    image: Qcow2Image
+    file: ChildFile
+    data: ChildFile | None
+
+
+# -------------------------------------------------------------------------------------------
+# Options
+# -------------------------------------------------------------------------------------------
+
+CREATE_OPTS = (
+    OptionSpec("size", "size", "virtual disk size"),
+    OptionSpec("compat", "string", "compatibility level (v2, v3, 0.10, 1.1)", "1.1"),
+    OptionSpec("backing_file", "string", "file name of a base image"),
+    OptionSpec("backing_fmt", "string", "image format of the base image"),
+    OptionSpec("data_file", "string", "file name of an external data file"),
+    OptionSpec("data_file_raw", "bool", "the external data file is a valid raw image", False),
+    OptionSpec("cluster_size", "size", "qcow2 cluster size", 65536),
+    OptionSpec("preallocation", "string", "off, metadata, falloc or full", "off"),
+    OptionSpec("lazy_refcounts", "bool", "postpone refcount updates", False),
+    OptionSpec("refcount_bits", "number", "width of a reference count entry in bits", 16),
+    OptionSpec("extended_l2", "bool", "extended L2 tables (32 subclusters)", False),
+    OptionSpec("compression_type", "string", "zlib or zstd", "zlib"),
+)
+RUNTIME_OPTS = (
+    OptionSpec("lazy-refcounts", "bool", "postpone refcount updates (header default)"),
+    OptionSpec("pass-discard-request", "bool", "pass guest discards to the file",),
+    OptionSpec("pass-discard-snapshot", "bool", "accepted, no internal snapshot ops", True),
+    OptionSpec("pass-discard-other", "bool", "discard other freed clusters in the file", False),
+    OptionSpec("l2-cache-size", "size", "bytes of L2 tables cached", 1 << 20),
+    OptionSpec("refcount-cache-size", "size", "bytes of refcount blocks cached", 256 << 10),
+    OptionSpec("cache-size", "size", "L2 plus refcount cache bytes"),
+    OptionSpec("overlap-check", "string", "accepted for compatibility; not implemented"),
+    OptionSpec("cache-clean-interval", "number", "accepted for compatibility", 0),
+)
+
+
+# -------------------------------------------------------------------------------------------
+# GS hooks
+# -------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def bdrv_describe() -> DriverDescriptor:
+    return DriverDescriptor(
+        format_name="qcow2", is_format=True, supports_backing=True,
+        supported_zero_flags=F.MAY_UNMAP | F.NO_FALLBACK,
+        concurrency=Concurrency.PARALLEL,  # the engine's asyncio.Lock guards metadata
+        create_opts=CREATE_OPTS, runtime_opts=RUNTIME_OPTS,
+        child_names=("file", "data-file"), has_zero_init=True,
+    )  # fmt: skip
+
+
+@hookimpl
+def bdrv_probe(buf: bytes, filename: str | None) -> int:
+    if len(buf) >= 8 and int.from_bytes(buf[:4], "big") == QCOW_MAGIC \
+            and int.from_bytes(buf[4:8], "big") >= 2:  # fmt: skip
+        return 100
+    return 0
+
+
+@hookimpl
+def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
+    opt = {o.name: options.pop(o.name) for o in RUNTIME_OPTS if o.name in options}
+    graph.bdrv_open_child(bs, options, "file", ChildRole.IMAGE)
+    name = bs.file.bs.filename or bs.node_name
+    file = ChildFile(bs.file, name)
+    file.sync = True
+    header = _run_sync(read_header(file))
+    rw = bool(flags & OpenFlags.RDWR)
+    if header.incompatible_features & Incompat.CORRUPT and rw:
+        raise BlockError(errno.EACCES, "image is corrupt; cannot be opened read/write", name)
+    data = None
+    if header.incompatible_features & Incompat.DATA_FILE:
+        ref = options.get("data-file") or header.data_file
+        if not ref:
+            raise BlockError(errno.EINVAL, "missing data-file option for an image with an "
+                             "external data file", name)  # fmt: skip
+        if isinstance(ref, str) and "data-file" not in options and not os.path.isabs(ref):
+            ref = os.path.join(os.path.dirname(name), ref)
+        options["data-file"] = ref
+        graph.bdrv_open_child(bs, options, "data-file", ChildRole.DATA)
+        data_child = next(c for c in bs.children if c.name == "data-file")
+        data = ChildFile(data_child, data_child.bs.filename or name)
+        data.sync = True
+    elif "data-file" in options:
+        raise BlockError(errno.EINVAL, "'data-file' can only be set for images with an "
+                         "external data file", name)  # fmt: skip
+    cs = header.cluster_size
+    l2_bytes = parse_size(opt.get("l2-cache-size", 1 << 20))
+    if "cache-size" in opt:
+        l2_bytes = parse_size(opt["cache-size"]) * 3 // 4
+    rc_bytes = parse_size(opt.get("refcount-cache-size", max(4 * cs, l2_bytes // 4)))
+    lazy = opt.get("lazy-refcounts")
+    image = _run_sync(Qcow2Image.open(
+        file, data_file=data, read_only=not rw, header=header,
+        l2_cache_tables=max(2, l2_bytes // cs), refcount_cache_tables=max(2, rc_bytes // cs),
+        lazy_refcounts=parse_bool(lazy, "lazy-refcounts") if lazy is not None else None,
+        discard_request=parse_bool(opt.get("pass-discard-request", bool(flags & OpenFlags.UNMAP)),
+                                   "pass-discard-request"),
+        discard_other=parse_bool(opt.get("pass-discard-other", False), "pass-discard-other"),
+    ))  # fmt: skip
+    if image.lazy_refcounts and header.version < 3:
+        raise BlockError(errno.EINVAL, "lazy refcounts need a v3 image (compat=1.1)", name)
+    if rw and image.dirty and not flags & OpenFlags.CHECK:
+        # Lazy refcounts left stale refcounts behind: rebuild them (qcow2_co_open).
+        result = BdrvCheckResult()
+        _run_sync(check_image(image, result, BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS))
+        _run_sync(image.refcounts.flush())
+        _run_sync(image.set_incompat(Incompat.DIRTY, False))
+        image.dirty = False
+    if rw and header.autoclear_features & ~(Autoclear.DATA_FILE_RAW):
+        # Autoclear bits we do not maintain (bitmaps) must be cleared before writing.
+        keep = header.autoclear_features & Autoclear.DATA_FILE_RAW
+        _run_sync(image.write_header(attrs.evolve(image.header, autoclear_features=keep)))
+    file.sync = False
+    if data is not None:
+        data.sync = False
+    bs.backing_file = header.backing_file or ""
+    bs.backing_format = header.backing_format or ""
+    bs.opaque = Qcow2State(image, file, data)
+
+    async def read_backing(offset: int, buf: memoryview) -> None:
+        if bs.backing is None:
+            buf[:] = bytes(len(buf))
+            return
+        await io.bdrv_co_preadv(bs.backing, offset, len(buf), buf)
+
+    image.backing = read_backing
+
+
+@hookimpl
+def bdrv_close(bs: Any) -> None:
+    st: Qcow2State | None = bs.opaque
+    if st is None:
+        return
+    st.file.sync = True
+    if st.data is not None:
+        st.data.sync = True
+    try:
+        _run_sync(st.image.close())
+    finally:
+        bs.opaque = None
+
+
+@hookimpl
+def bdrv_refresh_limits(bs: Any, limits: BlockLimits) -> BlockLimits:
+    geo = bs.opaque.image.geo
+    return attrs.evolve(limits, request_alignment=1, pwrite_zeroes_alignment=geo.subcluster_size,
+                        pdiscard_alignment=geo.cluster_size)  # fmt: skip
+
+
+@hookimpl
+def bdrv_get_specific_info(bs: Any) -> dict[str, Any] | None:
+    img: Qcow2Image = bs.opaque.image
+    h = img.header
+    data: dict[str, Any] = {"compat": "0.10" if h.version == 2 else "1.1",
+                            "compression-type": "zstd" if h.compression_type else "zlib"}
+    if h.version >= 3:
+        data["lazy-refcounts"] = bool(h.compatible_features & Compat.LAZY_REFCOUNTS)
+    data["refcount-bits"] = h.refcount_bits
+    if h.version >= 3:
+        data["corrupt"] = bool(h.incompatible_features & Incompat.CORRUPT)
+        data["extended-l2"] = h.extended_l2
+        if h.incompatible_features & Incompat.DATA_FILE:
+            data["data-file"] = h.data_file
+            data["data-file-raw"] = bool(h.autoclear_features & Autoclear.DATA_FILE_RAW)
+    return {"type": "qcow2", "data": data}
+
+
+@hookimpl
+def bdrv_has_zero_init(bs: Any) -> bool:
+    img: Qcow2Image = bs.opaque.image
+    return not (img.has_data_file and img.header.autoclear_features & Autoclear.DATA_FILE_RAW)
+
+
+@hookimpl
+def bdrv_measure(options: dict[str, Any], in_bs: Any) -> BlockMeasureInfo:
+    cs = parse_size(options.get("cluster_size", 65536))
+    refbits = int(options.get("refcount_bits", 16))
+    ext = parse_bool(options.get("extended_l2", False), "extended_l2")
+    prealloc = str(options.get("preallocation", "off"))
+    if in_bs is not None:
+        size = in_bs.total_bytes
+        required = _allocated_bytes(in_bs, cs)
+    else:
+        if "size" not in options:
+            raise BlockError(errno.EINVAL, "either --size or a source image is required")
+        size = parse_size(options["size"])
+        required = 0
+    aligned = -(-size // cs) * cs
+    full = prealloc_size(size, cs, int(math.log2(refbits)), ext)
+    if prealloc in ("falloc", "full"):
+        required = aligned
+    return BlockMeasureInfo(required=full - aligned + required, fully_allocated=full)
+
+
+def _allocated_bytes(bs: Any, cs: int) -> int:
+    from blockcore import status
+
+    total, pos, end = 0, 0, bs.total_bytes
+    while pos < end:
+        st = status.bdrv_block_status_above(bs, None, pos, end - pos)
+        n = st.pnum or end - pos
+        if not st.ret & S.ZERO and st.ret & (S.DATA | S.ALLOCATED) == S.DATA | S.ALLOCATED:
+            a, b = pos // cs * cs, -(-(pos + n) // cs) * cs
+            total += b - a
+        pos += n
+    return total
+
+
+# -------------------------------------------------------------------------------------------
+# I/O hooks
+# -------------------------------------------------------------------------------------------
+
+
+@hookimpl
+async def bdrv_co_preadv(bs: Any, offset: int, length: int, buf: memoryview,
+                         flags: BdrvRequestFlags) -> None:  # fmt: skip
+    await bs.opaque.image.read(offset, buf)
+
+
+@hookimpl
+async def bdrv_co_pwritev(bs: Any, offset: int, length: int, buf: memoryview,
+                          flags: BdrvRequestFlags) -> None:  # fmt: skip
+    await bs.opaque.image.write(offset, buf)
+
+
+@hookimpl
+async def bdrv_co_pwritev_compressed(bs: Any, offset: int, length: int,
+                                     buf: memoryview) -> None:  # fmt: skip
+    import asyncio
+
+    img: Qcow2Image = bs.opaque.image
+    cs = img.geo.cluster_size
+    if offset % cs:
+        raise BlockError(errno.EINVAL, f"compressed write offset {offset} not cluster aligned",
+                         bs.node_name)  # fmt: skip
+    pos = 0
+    while pos < length:
+        n = min(cs, length - pos)
+        if n < cs and offset + pos + n < img.header.size:
+            raise BlockError(errno.EINVAL, "compressed writes must be whole clusters",
+                             bs.node_name)  # fmt: skip
+        chunk = bytes(buf[pos : pos + n]) + bytes(cs - n)
+        comp = await asyncio.to_thread(_compress, chunk, img.header.compression_type)
+        if comp is None:
+            await img.write(offset + pos, memoryview(chunk)[:n])
+        else:
+            await img.write_compressed(offset + pos, comp)
+        pos += n
+
+
+def _compress(data: bytes, ctype: int) -> bytes | None:
+    """Compress one cluster; None if it does not fit in cluster_size - 1 bytes."""
+    if ctype:
+        import zstandard
+
+        out = zstandard.ZstdCompressor().compress(data)
+    else:
+        import zlib
+
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+        out = c.compress(data) + c.flush()
+    return out if len(out) < len(data) else None
+
+
+@hookimpl
+async def bdrv_co_pwrite_zeroes(bs: Any, offset: int, length: int,
+                                flags: BdrvRequestFlags) -> None:  # fmt: skip
+    await bs.opaque.image.write_zeroes(offset, length, unmap=bool(flags & F.MAY_UNMAP))
+
+
+@hookimpl
+async def bdrv_co_pdiscard(bs: Any, offset: int, length: int) -> None:
+    await bs.opaque.image.discard(offset, length)
+
+
+@hookimpl
+async def bdrv_co_flush_to_os(bs: Any) -> None:
+    img: Qcow2Image = bs.opaque.image
+    if not img.read_only:
+        async with img.lock:
+            await img.flush_metadata()
+
+
+@hookimpl
+async def bdrv_co_block_status(bs: Any, want_zero: bool, offset: int, length: int
+                               ) -> BlockStatus:  # fmt: skip
+    st: Qcow2State = bs.opaque
+    img = st.image
+    length = min(length, max(0, img.header.size - offset)) or length
+    stype, n, host = await img.block_status(offset, length)
+    target = (st.data or st.file).child.bs
+    if stype is ST.NORMAL:
+        return BlockStatus(S.DATA | S.OFFSET_VALID, n, host, target)
+    if stype is ST.ZERO_ALLOC:
+        return BlockStatus(S.ZERO | S.OFFSET_VALID, n, host, target)
+    if stype is ST.ZERO_PLAIN:
+        return BlockStatus(S.ZERO, n)
+    if stype is ST.COMPRESSED:
+        return BlockStatus(S.DATA | S.COMPRESSED, n)
+    if stype is ST.UNALLOCATED_ALLOC:
+        return BlockStatus(S.OFFSET_VALID, n, host, target)
+    return BlockStatus(S.NONE, n)
+
+
+@hookimpl
+async def bdrv_co_getlength(bs: Any) -> int:
+    return int(bs.opaque.image.header.size)
+
+
+@hookimpl
+async def bdrv_co_get_info(bs: Any) -> BlockDriverInfo:
+    img: Qcow2Image = bs.opaque.image
+    return BlockDriverInfo(cluster_size=img.geo.cluster_size,
+                           subcluster_size=img.geo.subcluster_size,
+                           vm_state_offset=img.geo.vm_state_offset(img.header.size),
+                           is_dirty=bool(img.header.incompatible_features & Incompat.DIRTY))
+
+
+@hookimpl
+async def bdrv_co_check(bs: Any, result: BdrvCheckResult, fix: BdrvCheckMode) -> None:
+    await check_image(bs.opaque.image, result, fix)
+
+
+@hookimpl
+async def bdrv_co_truncate(bs: Any, offset: int, exact: bool, prealloc: PreallocMode,
+                           flags: BdrvRequestFlags) -> None:  # fmt: skip
+    img: Qcow2Image = bs.opaque.image
+    if offset % 512:
+        raise BlockError(errno.EINVAL, f"size {offset} must be a multiple of 512", bs.node_name)
+    await img.truncate(offset, prealloc.value)
+
+
+@hookimpl
+async def bdrv_co_invalidate_cache(bs: Any) -> None:
+    img: Qcow2Image = bs.opaque.image
+    img.l2_cache.invalidate()
+    img.refcounts.cache.invalidate()
+
+
+@hookimpl
+async def bdrv_co_create_opts(filename: str, options: dict[str, Any]) -> None:
+    o = _create_options(filename, options)
+    f = PosixFile(filename)
+    try:
+        await f.pwrite(0, empty_image(**o["layout"]))
+        img = await Qcow2Image.open(f, read_only=False)
+        await img.truncate(o["size"], o["prealloc"])
+        await img.close()
+    finally:
+        f.close()
+    if o["layout"]["data_file"]:
+        df = o["layout"]["data_file"]
+        path = df if os.path.isabs(df) else os.path.join(os.path.dirname(filename), df)
+        with open(path, "ab") as fh:
+            fh.truncate(o["size"])
+
+
+def _create_options(filename: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Validate create options with qemu-img's rules and messages."""
+
+    def bad(msg: str) -> BlockError:
+        return BlockError(errno.EINVAL, msg, filename)
+
+    compat = str(options.get("compat") or "1.1")
+    versions = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+    if compat not in versions:
+        raise bad(f"parameter 'version' does not accept value {compat!r}")
+    version = versions[compat]
+    cs = parse_size(options.get("cluster_size") or 65536)
+    if cs < 512 or cs > (2 << 20) or cs & (cs - 1):
+        raise bad("cluster size must be a power of two between 512 and 2048k")
+    refbits = int(options.get("refcount_bits") or 16)
+    if refbits < 1 or refbits > 64 or refbits & (refbits - 1):
+        raise bad("refcount width must be a power of two and may not exceed 64 bits")
+    lazy = parse_bool(options.get("lazy_refcounts", False), "lazy_refcounts")
+    ext = parse_bool(options.get("extended_l2", False), "extended_l2")
+    ctype = str(options.get("compression_type") or "zlib")
+    if ctype not in ("zlib", "zstd"):
+        raise bad(f"invalid compression type {ctype!r}")
+    data_file = options.get("data_file") or None
+    data_raw = parse_bool(options.get("data_file_raw", False), "data_file_raw")
+    backing = options.get("backing_file") or None
+    prealloc = str(options.get("preallocation") or "off")
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise bad(f"invalid preallocation mode {prealloc!r}")
+    suffix = "only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+    if version == 2:
+        if refbits != 16:
+            raise bad(f"different refcount widths than 16 bits require compatibility level 1.1 "
+                      "or above (use version=v3 or greater)")  # fmt: skip
+        for flag, what in ((lazy, "lazy refcounts are"), (ext, "extended L2 entries are"),
+                           (ctype != "zlib", "non-zlib compression type is"),
+                           (data_file, "external data files are")):  # fmt: skip
+            if flag:
+                raise bad(f"{what} {suffix}")
+    if ext and cs < 16384:
+        raise bad("extended L2 entries are only supported with cluster sizes of at least "
+                  "16384 bytes")  # fmt: skip
+    if data_raw and not data_file:
+        raise bad("data-file-raw requires data-file")
+    if data_raw and backing:
+        raise bad("backing file and data-file-raw cannot be used at the same time")
+    if options.get("backing_fmt") and not backing:
+        raise bad("backing format cannot be used without backing file")
+    if "size" not in options:
+        raise bad("image size must be specified")
+    size = parse_size(options["size"])
+    if size % 512:
+        raise bad(f"image size {size} must be a multiple of 512 bytes")
+    layout = dict(cluster_bits=cs.bit_length() - 1, version=version,
+                  refcount_order=refbits.bit_length() - 1, lazy_refcounts=lazy, extended_l2=ext,
+                  compression_type=1 if ctype == "zstd" else 0, backing_file=backing,
+                  backing_format=options.get("backing_fmt") or None, data_file=data_file,
+                  data_file_raw=data_raw)  # fmt: skip
+    if prealloc != "off" and backing:
+        raise bad("backing file and preallocation can only be used at the same time if "
+                  "extended_l2 is on") if not ext else bad("preallocation with backing unsupported")
+    return {"layout": layout, "size": size, "prealloc": prealloc}
+
+
+@hookimpl
+def bdrv_change_backing_file(bs: Any, backing_file: str, backing_fmt: str) -> None:
+    st: Qcow2State = bs.opaque
+    img = st.image
+    if img.header.autoclear_features & Autoclear.DATA_FILE_RAW and backing_file:
+        raise NotSupportedError("cannot set a backing file on an image with data-file-raw",
+                                bs.node_name)  # fmt: skip
+    h = attrs.evolve(img.header, backing_file=backing_file or None)
+    h = h.with_standard_extensions(backing_fmt or None, h.data_file)
+    st.file.sync = True
+    try:
+        _run_sync(img.write_header(h))
+    finally:
+        st.file.sync = False
+    bs.backing_file = backing_file
+    bs.backing_format = backing_fmt
