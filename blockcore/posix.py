@@ -14,9 +14,10 @@
 
 Buffered writes: ``RWF_NOWAIT`` writes fail with ``EOPNOTSUPP`` on ext4 and tmpfs (kernel
 6.x), and a blocking write inline could stall the event loop on dirty-page throttling, so
-they go to the pool (tried once per fd; kept where the kernel accepts them). Writes to one
-file serialise on its inode lock in the kernel anyway, so one pool job writes a file's
-queued buffers back to back (as io_uring's io-wq does): no thread hand-off per request.
+they go to the pool (tried once per fd; kept where the kernel accepts them). Measured here
+for 1 MiB writes at depth 16: one thread per request 8.6-8.9k/s; one writer job per file
+(even with vectored writes) 5.5k/s, since ext4 lets several buffered writers copy at once;
+inline writes 9.5-10.8k/s but blocking.
 
 The pool is our own rather than ``loop.run_in_executor``: no concurrent.futures.Future per
 request and one loop wake-up per batch of completions (cached 4 KiB reads through it at
@@ -26,7 +27,6 @@ depth 32: 55-100k/s against 23k/s with a ThreadPoolExecutor).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ctypes
 import errno
@@ -149,23 +149,21 @@ class _Pool:
         self.queue.put((fn, args, fut, done))
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in a pool thread and return its result."""
+        """Run ``fn(*args)`` in a pool thread and return its result.
+
+        Cancelling the caller waits for the call to finish (it may be using the caller's
+        buffer) and raises CancelledError then: the future refuses to be cancelled, so the
+        task is cancelled when the future completes.
+        """
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut = _PoolFuture(loop=loop)
         self.submit(fn, args, fut, self.completions(loop))
-        return await _wait(fut)
+        return await fut
 
 
-async def _wait(fut: asyncio.Future[Any]) -> Any:
-    """Await a pool result. A cancelled caller still waits for the syscall (it may be using
-    the caller's buffer), then raises CancelledError."""
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        while not fut.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(fut)
-        raise
+class _PoolFuture(asyncio.Future):  # type: ignore[type-arg]
+    def cancel(self, msg: Any = None) -> bool:
+        return False
 
 
 _pool: _Pool | None = None
@@ -272,7 +270,7 @@ class PosixEngine:
     """
 
     __slots__ = ("fd", "filename", "direct", "inline", "nowait_read", "nowait_write",
-                 "_flush_error", "_writes", "_wlock", "_writer")  # fmt: skip
+                 "_flush_error")  # fmt: skip
 
     def __init__(self, fd: int, filename: str, *, direct: bool = False) -> None:
         self.fd = fd
@@ -283,100 +281,68 @@ class PosixEngine:
         # under O_DIRECT it fails with EAGAIN every time.
         self.nowait_read = self.nowait_write = bool(_RWF_NOWAIT) and not direct and not self.inline
         self._flush_error: OSError | None = None
-        self._writes: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._wlock = threading.Lock()
-        self._writer = False
 
     async def preadv(self, buf: memoryview, offset: int) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf``, zero-filling past EOF. Tier: I/O.
 
         OSErrors keep their type and errno and gain the filename, as all engine errors do.
         """
+        fd = self.fd
         try:
-            await self._preadv(buf, offset)
+            if self.nowait_read:
+                try:
+                    while True:
+                        n = os.preadv(fd, (buf,), offset, _RWF_NOWAIT)
+                        if n == len(buf):
+                            return
+                        if n == 0:  # EOF (would-block is EAGAIN, never 0)
+                            buf[:] = bytes(len(buf))
+                            return
+                        buf, offset = buf[n:], offset + n  # partly cached: go on while we can
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    if exc.errno not in _UNSUPPORTED:
+                        raise
+                    self.nowait_read = False
+            elif self.inline:
+                _pread_full(fd, buf, offset)
+                return
+            if self.direct:
+                await _get_pool().run(_direct_io, False, fd, buf, offset)
+            else:
+                await _get_pool().run(_pread_full, fd, buf, offset)
         except OSError as exc:
             if exc.filename is None:
                 exc.filename = self.filename
             raise
-
-    async def _preadv(self, buf: memoryview, offset: int) -> None:
-        fd = self.fd
-        if self.nowait_read:
-            try:
-                while True:
-                    n = os.preadv(fd, (buf,), offset, _RWF_NOWAIT)
-                    if n == len(buf):
-                        return
-                    if n == 0:  # EOF (would-block is EAGAIN, never 0)
-                        buf[:] = bytes(len(buf))
-                        return
-                    buf, offset = buf[n:], offset + n  # partly cached: go on while we can
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
-                    raise
-                self.nowait_read = False
-        elif self.inline:
-            _pread_full(fd, buf, offset)
-            return
-        if self.direct:
-            await _get_pool().run(_direct_io, False, fd, buf, offset)
-        else:
-            await _get_pool().run(_pread_full, fd, buf, offset)
 
     async def pwritev(self, buf: memoryview, offset: int) -> None:
         """Write all of ``buf`` at ``offset`` (short writes go on). Tier: I/O."""
         try:
-            await self._pwritev(buf, offset)
+            if self.nowait_write:
+                try:
+                    n = os.pwritev(self.fd, (buf,), offset, _RWF_NOWAIT)
+                    if n == len(buf):
+                        return
+                    buf, offset = buf[n:], offset + n
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    if exc.errno not in _UNSUPPORTED:
+                        raise
+                    self.nowait_write = False
+            elif self.inline:
+                _pwrite_full(self.fd, buf, offset)
+                return
+            if self.direct:
+                await _get_pool().run(_direct_io, True, self.fd, buf, offset)
+            else:
+                await _get_pool().run(_pwrite_full, self.fd, buf, offset)
         except OSError as exc:
             if exc.filename is None:
                 exc.filename = self.filename
             raise
-
-    async def _pwritev(self, buf: memoryview, offset: int) -> None:
-        if self.nowait_write:
-            try:
-                n = os.pwritev(self.fd, (buf,), offset, _RWF_NOWAIT)
-                if n == len(buf):
-                    return
-                buf, offset = buf[n:], offset + n
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
-                    raise
-                self.nowait_write = False
-        elif self.inline:
-            _pwrite_full(self.fd, buf, offset)
-            return
-        pool = _get_pool()
-        if self.direct:
-            await pool.run(_direct_io, True, self.fd, buf, offset)
-            return
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        with self._wlock:
-            self._writes.append((buf, offset, fut, pool.completions(loop)))
-            start, self._writer = not self._writer, True
-        if start:
-            pool.submit(self._write_queued, ())
-        await _wait(fut)
-
-    def _write_queued(self) -> None:
-        """Pool job: write the queued buffers in order until the queue is empty."""
-        while True:
-            with self._wlock:
-                if not self._writes:
-                    self._writer = False
-                    return
-                buf, offset, fut, done = self._writes.popleft()
-            try:
-                _pwrite_full(self.fd, buf, offset)
-            except OSError as exc:
-                done.push(fut, False, exc)
-            else:
-                done.push(fut, True, None)
 
     async def flush(self) -> None:
         """``fdatasync`` in the pool. Tier: I/O.
