@@ -170,9 +170,17 @@ class BlockBackend:
         if root is None:
             raise NoMediumError("backend has no medium", self.name)
         while self.quiesce_counter:
+            # a queued request is not in flight: drain must not wait for it (QEMU's
+            # blk_wait_while_drained)
             fut = asyncio.get_running_loop().create_future()
             self._queued.append(fut)
-            await fut
+            self.in_flight -= 1
+            if _waiters:
+                aio_wait_kick()
+            try:
+                await fut
+            finally:
+                self.in_flight += 1
         if offset < 0 or length < 0:
             raise BlockError(errno.EIO, f"request offset {offset} length {length} out of range",
                              root.bs.filename or root.bs.node_name)  # fmt: skip

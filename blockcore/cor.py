@@ -29,15 +29,18 @@ async def copy_on_read(child: BdrvChild, req: TrackedRequest, offset: int, lengt
     cluster = await _cluster_size(bs)
     req.make_serialising(cluster)
     await _wait_serialising(req)
+    align = bs.bl.request_alignment
     start = round_down(offset, cluster)
-    end = min(round_up(offset + length, cluster), round_up(bs.total_bytes, cluster))
+    end = min(round_up(offset + length, cluster), round_up(bs.total_bytes, align))
     max_piece = min(bs.bl.max_transfer or MAX_BOUNCE_BUFFER, MAX_BOUNCE_BUFFER)
-    max_piece = max(round_down(max_piece, cluster), cluster)
+    max_piece = max(round_down(max_piece, align), align)
     prefetch = bool(flags & F.PREFETCH)
     pos = start
     while pos < end:
         allocated, pnum = await bdrv_co_is_allocated(bs, pos, min(end - pos, max_piece))
-        pnum = max(min(pnum, end - pos, max_piece), 1)
+        if pnum == 0:  # the image ends inside the last cluster
+            break
+        pnum = min(pnum, end - pos, max_piece)
         lo, hi = max(pos, offset), min(pos + pnum, offset + length)
         if allocated or bs.open_flags & OpenFlags.INACTIVE:
             if not prefetch and hi > lo:
@@ -54,3 +57,6 @@ async def copy_on_read(child: BdrvChild, req: TrackedRequest, offset: int, lengt
             if not prefetch and hi > lo:
                 view[lo - offset : hi - offset] = bounce[lo - pos : hi - pos]
         pos += pnum
+    if not prefetch and pos < offset + length:  # beyond the end of the node: zeros
+        tail = max(pos, offset)
+        view[tail - offset :] = bytes(offset + length - tail)

@@ -235,6 +235,7 @@ async def _driver_pwritev(bs: BlockDriverState, offset: int, length: int, buf: m
     else:
         await _call_driver(bs, drv.bdrv_co_pwritev, offset, length, buf, flags)
     if emulate_fua:
+        bs.write_gen += 1  # the flush must see this write (QEMU's bdrv_advance_flush_gen)
         await bdrv_co_flush(bs)
 
 
@@ -444,9 +445,11 @@ async def _aligned_pwritev(child: BdrvChild, req: TrackedRequest, offset: int, l
             pos = 0
             while pos < length:
                 num = min(length - pos, max_transfer)
-                last = pos + num == length
-                await _driver_pwritev(bs, offset + pos, num, view[pos : pos + num],
-                                      flags if last else flags & ~F.FUA)  # fmt: skip
+                # emulated FUA needs one flush, after the last chunk
+                chunk_flags = flags
+                if pos + num < length and not bs.supported_write_flags & F.FUA:
+                    chunk_flags &= ~F.FUA
+                await _driver_pwritev(bs, offset + pos, num, view[pos : pos + num], chunk_flags)
                 pos += num
     if events:
         await bdrv_co_debug_event(bs, "pwritev_done")
@@ -454,15 +457,14 @@ async def _aligned_pwritev(child: BdrvChild, req: TrackedRequest, offset: int, l
 
 async def _padded_pwritev(child: BdrvChild, req: TrackedRequest, offset: int, length: int,
                           view: memoryview | None, flags: F, align: int) -> None:  # fmt: skip
-    """Read-modify-write of the unaligned head and tail blocks (bdrv_co_do_zero_pwritev too)."""
+    """Read-modify-write of the unaligned head and tail blocks (and QEMU's
+    bdrv_co_do_zero_pwritev: edges as data writes, the aligned middle as a zero write)."""
     bs = child.bs
     end = offset + length
     head_start = round_down(offset, align)
     tail_end = round_up(end, align)
-    zero = bool(flags & F.ZERO_WRITE)
-    small = tail_end - head_start <= max(2 * align, 65536)
-    if small:
-        # one bounce buffer for the whole padded range
+    if view is not None and tail_end - head_start <= max(2 * align, 65536):
+        # a small data write: one bounce buffer for the whole padded range
         bounce = aligned_buffer(tail_end - head_start, bs.bl.opt_mem_alignment)
         await bdrv_co_debug_event(bs, "pwritev_rmw_head")
         await _aligned_preadv(child, req, head_start, align, bounce[:align], _NONE, align)
@@ -472,20 +474,18 @@ async def _padded_pwritev(child: BdrvChild, req: TrackedRequest, offset: int, le
             await _aligned_preadv(child, req, tail_end - align, align, bounce[-align:], _NONE,
                                   align)  # fmt: skip
             await bdrv_co_debug_event(bs, "pwritev_rmw_after_tail")
-        if zero:
-            bounce[offset - head_start : end - head_start] = bytes(length)
-        else:
-            bounce[offset - head_start : end - head_start] = view  # type: ignore[index]
-        wflags = flags & ~(F.ZERO_WRITE | F.MAY_UNMAP | F.NO_FALLBACK)
-        await _aligned_pwritev(child, req, head_start, tail_end - head_start, bounce, wflags)
+        bounce[offset - head_start : end - head_start] = view
+        await _aligned_pwritev(child, req, head_start, tail_end - head_start, bounce, flags)
         return
-    # a large request: patch the two edge blocks, write the aligned middle in place
+    if tail_end - head_start == align:  # inside one block
+        await _rmw_block(child, req, head_start, offset, view, 0, flags, align, "head", length)
+        return
     head_end = head_start + align if offset != head_start else offset
     tail_start = tail_end - align if end != tail_end else end
     if head_end != offset:
         await _rmw_block(child, req, head_start, offset, view, 0, flags, align, "head")
     if tail_start > head_end:
-        mid = None if zero else view[head_end - offset : tail_start - offset]  # type: ignore[index]
+        mid = None if view is None else view[head_end - offset : tail_start - offset]
         await _aligned_pwritev(child, req, head_end, tail_start - head_end, mid, flags)
     if tail_start != end:
         await _rmw_block(child, req, tail_start, tail_start, view, tail_start - offset, flags,
@@ -532,8 +532,7 @@ async def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flag
     """bdrv_co_do_pwrite_zeroes: driver zero write in aligned pieces, else zero buffers."""
     drv = bs.drv
     if flags & F.NO_FALLBACK and not bs.supported_zero_flags & F.NO_FALLBACK:
-        if drv.bdrv_co_pwrite_zeroes is None:
-            raise NotSupportedError("zero writes without fallback not supported", bs.node_name)
+        raise NotSupportedError("zero writes without fallback not supported", bs.node_name)
     bl = bs.bl
     align = max(bl.pwrite_zeroes_alignment, bl.request_alignment)
     max_zero = round_down(min(bl.max_pwrite_zeroes or 2**62, 2**62), align) or align
@@ -578,6 +577,7 @@ async def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flag
         offset += num
         length -= num
     if fua_flush:
+        bs.write_gen += 1  # the flush must see these writes
         await bdrv_co_flush(bs)
 
 
@@ -616,8 +616,6 @@ async def bdrv_co_pdiscard(child: BdrvChild, offset: int, length: int) -> None:
     bs = child.bs
     drv = _enter("bdrv_co_pdiscard", bs)
     assert_bdrv_graph_readable("bdrv_co_pdiscard")
-    if not bs.open_flags & OpenFlags.RDWR:
-        raise BlockError(errno.EPERM, "node is read-only", bs.filename or bs.node_name)
     _check_request(bs, offset, length, False)
     if not bs.open_flags & OpenFlags.UNMAP or drv.bdrv_co_pdiscard is None or length == 0:
         return
@@ -739,15 +737,9 @@ async def bdrv_co_truncate(child: BdrvChild, offset: int, exact: bool = True,
             flags |= F.ZERO_WRITE
         if drv.bdrv_co_truncate is not None:
             if flags & ~bs.supported_truncate_flags:
-                if flags & F.ZERO_WRITE and not bs.supported_truncate_flags & F.ZERO_WRITE:
-                    await _call_driver(bs, drv.bdrv_co_truncate, offset, exact, prealloc,
-                                       flags & ~F.ZERO_WRITE)  # fmt: skip
-                    bs.total_bytes = round_up(offset, 512)
-                    await _do_pwrite_zeroes(bs, old, offset - old, _NONE)
-                else:
-                    raise NotSupportedError("unsupported truncate flags", bs.node_name)
-            else:
-                await _call_driver(bs, drv.bdrv_co_truncate, offset, exact, prealloc, flags)
+                raise NotSupportedError("block driver does not support requested flags",
+                                        bs.filename or bs.node_name)  # fmt: skip
+            await _call_driver(bs, drv.bdrv_co_truncate, offset, exact, prealloc, flags)
         elif (filtered := bdrv_filter_child(bs)) is not None:
             await bdrv_co_truncate(filtered, offset, exact, prealloc, flags)
         else:

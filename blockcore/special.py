@@ -405,6 +405,10 @@ class BlockAIOCB:
         self.done = True
         if self.cb is not None:
             self.cb(self.result)
+        from .aio import _waiters, aio_wait_kick
+
+        if _waiters:
+            aio_wait_kick()
 
 
 @api(Tier.IO)
@@ -416,14 +420,18 @@ def bdrv_aio_cancel_async(acb: BlockAIOCB) -> None:
 
 @api(Tier.IO)
 def bdrv_aio_cancel(acb: BlockAIOCB) -> None:
-    """Cancel ``acb`` and wait until its callback has run. Tier: I/O."""
+    """Cancel ``acb`` and wait until its callback has run. Tier: I/O (polls: from the main
+    thread, or the node's home thread outside its running loop)."""
     from .aio import aio_wait_while
 
     bdrv_aio_cancel_async(acb)
-    if acb.bs.aio_context.loop.is_running():
-        raise BlockError(errno.EDEADLK, "bdrv_aio_cancel from inside the node's event loop")
-    acb.bs.aio_context.loop.run_until_complete(acb._task) if acb.bs.aio_context.in_home_thread() \
-        else aio_wait_while(acb.bs.aio_context, lambda: not acb.done)
+    ctx = acb.bs.aio_context
+    if ctx.in_home_thread():
+        if ctx.loop.is_running():
+            raise BlockError(errno.EDEADLK, "bdrv_aio_cancel from inside the node's event loop")
+        ctx.loop.run_until_complete(acb._task)
+    else:
+        aio_wait_while(ctx, lambda: not acb.done)
 
 
 # -------------------------------------------------------------------------------------------

@@ -125,29 +125,32 @@ async def _common_status_above(
         raise NoMediumError("no medium", bs.node_name)
     if bs is base and not include_base:
         return BlockStatus(_EMPTY, length, 0, None, 0)
-    first = await bdrv_co_block_status(bs, want_zero, offset, length)
+    st = await bdrv_co_block_status(bs, want_zero, offset, length)
     depth = 1
-    if first.pnum == 0 or first.ret & S.ALLOCATED or bs is base:
-        return BlockStatus(first.ret, first.pnum, first.map, first.file, depth)
-    eof = first.ret & S.EOF
-    length = first.pnum
+    if st.pnum == 0 or st.ret & S.ALLOCATED or bs is base:
+        return BlockStatus(st.ret, st.pnum, st.map, st.file, depth)
+    # EOF of the top layer: the only end that counts for the answer
+    eof = offset + st.pnum if st.ret & S.EOF else -1
+    length = st.pnum
+    ret, pnum, map_, file = st.ret, st.pnum, st.map, st.file
     p = bdrv_filter_or_cow_bs(bs)
     while p is not None and (include_base or p is not base):
         depth += 1
         st = await bdrv_co_block_status(p, want_zero, offset, length)
-        if st.pnum == 0:  # p is shorter: zeros below its end count as allocated there
-            return BlockStatus(S.ZERO | S.ALLOCATED | eof, length, 0, p, depth)
-        if st.ret & S.ALLOCATED:
-            ret = st.ret & ~S.EOF
-            if eof and st.pnum == length:
-                ret |= S.EOF
-            return BlockStatus(ret, st.pnum, st.map, st.file, depth)
-        length = st.pnum
+        ret, pnum, map_, file = st.ret, st.pnum, st.map, st.file
+        if pnum == 0:  # p is shorter: zeros beyond its end count as allocated there
+            ret, pnum, map_, file = S.ZERO | S.ALLOCATED, length, 0, p
+            break
+        if ret & S.ALLOCATED:
+            ret &= ~S.EOF  # not the top layer's end
+            break
         if p is base:
             break
+        length = pnum
         p = bdrv_filter_or_cow_bs(p)
-    ret = first.ret & S.ZERO | (eof if length == first.pnum else _EMPTY)
-    return BlockStatus(ret, length, 0, None, depth)
+    if offset + pnum == eof:
+        ret |= S.EOF
+    return BlockStatus(ret, pnum, map_, file, depth)
 
 
 @api(Tier.IO)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import mmap
@@ -51,11 +52,15 @@ def aligned_buffer(size: int, align: int = PAGE_SIZE) -> memoryview:
     Backed by an anonymous mmap (page-aligned), so O_DIRECT accepts it and large copies run at
     full speed (a plain bytearray starts 16 bytes into a page). Tier: common.
     """
-    if align > PAGE_SIZE and PAGE_SIZE % align and align % PAGE_SIZE:
-        raise ValueError(f"alignment {align} is not compatible with the page size")
+    if align < 1 or align & (align - 1):
+        raise ValueError(f"alignment {align} is not a power of two")
     if size == 0:
         return memoryview(bytearray())
-    return memoryview(mmap.mmap(-1, round_up(size, PAGE_SIZE)))[:size]
+    if align <= PAGE_SIZE:
+        return memoryview(mmap.mmap(-1, round_up(size, PAGE_SIZE)))[:size]
+    area = mmap.mmap(-1, round_up(size + align, PAGE_SIZE))
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(area)) % align
+    return memoryview(area)[skip : skip + size]
 
 
 _ZERO_PAGE = bytes(1 << 16)
