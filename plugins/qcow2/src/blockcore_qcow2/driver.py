@@ -347,7 +347,12 @@ def bdrv_measure(options: dict[str, Any], in_bs: Any) -> BlockMeasureInfo:
     full = prealloc_size(size, cs, int(math.log2(refbits)), ext)
     if prealloc in ("falloc", "full"):
         required = aligned
-    return BlockMeasureInfo(required=full - aligned + required, fully_allocated=full)
+    bitmaps = None
+    if in_bs is not None and in_bs.drv is not None and in_bs.drv.name == "qcow2" \
+            and in_bs.opaque.image.header.version >= 3:  # fmt: skip
+        bitmaps = 0  # both sides support persistent bitmaps; we copy none yet
+    return BlockMeasureInfo(required=full - aligned + required, fully_allocated=full,
+                            bitmaps=bitmaps)  # fmt: skip
 
 
 def _allocated_bytes(bs: Any, cs: int) -> int:

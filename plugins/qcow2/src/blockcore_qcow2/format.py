@@ -442,13 +442,17 @@ class QCowHeader:
             out.append(HeaderExtension(ExtType.DATA_FILE, data_file.encode()))
         if ExtType.CRYPTO_HEADER in keep:
             out.append(keep[ExtType.CRYPTO_HEADER])
-        if self.version >= 3:
-            out.append(keep.get(ExtType.FEATURE_TABLE) or feature_table_extension())
-        if ExtType.BITMAPS in keep:
-            out.append(keep[ExtType.BITMAPS])
+        rest = [keep[ExtType.BITMAPS]] if ExtType.BITMAPS in keep else []
         known = {int(t) for t in ExtType}
-        out.extend(e for e in self.extensions if e.type not in known)
-        return attrs.evolve(self, extensions=tuple(out))
+        rest.extend(e for e in self.extensions if e.type not in known)
+        if self.version >= 3:
+            table = keep.get(ExtType.FEATURE_TABLE) or feature_table_extension()
+            used = self.header_length + sum(len(e.pack()) for e in out + rest) + 8
+            used += len((self.backing_file or "").encode("utf-8", "surrogateescape"))
+            # The table is optional: like qemu-img, leave it out when cluster 0 is too small.
+            if used + len(table.pack()) < self.cluster_size:
+                out.append(table)
+        return attrs.evolve(self, extensions=tuple(out + rest))
 
 
 # -------------------------------------------------------------------------------------------
