@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import errno
 import random
+from typing import Any
 
 import pytest
-from iotest_drivers import Env, run_locked
+from iotest_drivers import Env, run_locked, unique
 
 from blockcore import BdrvRequestFlags as F
-from blockcore import OpenFlags, io
+from blockcore import OpenFlags, hookimpl, io
 from blockcore.errors import BlockError
+from blockcore.testing import MemoryDriver
 from blockcore.types import BDRV_MAX_LENGTH, BDRV_REQUEST_MAX_BYTES
 from blockcore.util import round_down, round_up
 
@@ -329,3 +331,72 @@ def test_pwrite_sync_is_a_write_barrier(env: Env) -> None:
     run_locked(io.bdrv_co_pwrite_sync, blk.root, 0, 512, b"s" * 512)
     hooks = [c[0] for c in drv.calls]
     assert hooks == ["pwritev", "flush_to_disk"]
+
+
+# -------------------------------------------------------------------------------------------
+# Lengths beyond 32 bits and variable-length nodes
+# -------------------------------------------------------------------------------------------
+
+
+class NullDriver(MemoryDriver):
+    """Reads zeros, records zero writes and discards; any size without memory."""
+
+    def __init__(self, name: str, size: int, **kw: Any) -> None:
+        super().__init__(name, **kw)
+        self.size = size
+
+    @hookimpl
+    def bdrv_open(self, bs: Any, options: dict[str, Any], flags: Any) -> None:
+        bs.opaque = None
+
+    @hookimpl
+    async def bdrv_co_getlength(self, bs: Any) -> int:
+        return self.size
+
+    @hookimpl
+    async def bdrv_co_preadv(self, bs: Any, offset: int, length: int, buf: memoryview,
+                             flags: F) -> None:  # fmt: skip
+        self.calls.append(("preadv", offset, length, int(flags)))
+        buf[:] = bytes(length)
+
+    @hookimpl
+    async def bdrv_co_pwrite_zeroes(self, bs: Any, offset: int, length: int,
+                                    flags: F) -> None:  # fmt: skip
+        self.calls.append(("pwrite_zeroes", offset, length, int(flags)))
+
+    @hookimpl
+    async def bdrv_co_pdiscard(self, bs: Any, offset: int, length: int) -> None:
+        self.calls.append(("pdiscard", offset, length, 0))
+
+
+def test_zero_write_and_discard_beyond_32_bits(env: Env) -> None:
+    GiB = 1 << 30
+    drv = env.add(NullDriver(unique("ionull"), 8 * GiB))
+    blk = env.open(drv, None, discard=True)
+    assert blk.getlength() == 8 * GiB
+    blk.pwrite_zeroes(0, 3 * GiB)  # zero writes are exempt from the 32-bit request limit
+    blk.pdiscard(0, 3 * GiB)
+    assert drv.calls == [("pwrite_zeroes", 0, 3 * GiB, 0), ("pdiscard", 0, 3 * GiB, 0)]
+    with pytest.raises(BlockError) as exc:
+        run_locked(io.bdrv_co_preadv, blk.root, 0, 3 * GiB, bytearray(1))
+    assert exc.value.errno == errno.EIO
+    assert blk.pread(5 * GiB, 4096) == bytes(4096)
+
+
+def test_variable_length_node_is_asked_again(env: Env) -> None:
+    import attrs
+
+    class Cdrom(MemoryDriver):
+        def __init__(self, name: str) -> None:
+            super().__init__(name)
+            self.limits = attrs.evolve(self.limits, has_variable_length=True)
+
+    drv = env.add(Cdrom(unique("iocd")))
+    blk = env.open(drv, 4096)
+    assert io.bdrv_getlength(blk.bs) == 4096
+    blk.bs.opaque.extend(bytes(4096))  # the medium changed behind our back
+    assert io.bdrv_getlength(blk.bs) == 8192
+    assert io.bdrv_nb_sectors(blk.bs) == 16
+    fixed = env.open(env.mem(), 4096)
+    fixed.bs.opaque.extend(bytes(4096))
+    assert io.bdrv_getlength(fixed.bs) == 4096  # fixed length: the cached value
