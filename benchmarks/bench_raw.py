@@ -97,17 +97,20 @@ def run_ours(path: str, bs: int, depth: int, count: int, write: bool) -> float:
 
 def compare(path: str, rounds: int, aios: list[str], scale: float) -> None:
     print(f"{'workload':<14} {'qemu aio':<9} {'qemu s':>8} {'ours s':>8} {'qemu/s':>9} "
-          f"{'ours/s':>9} {'ratio':>6}  (median of {rounds}; ratio = qemu time / ours)")  # fmt: skip
+          f"{'ours/s':>9} {'ratio':>6}")  # fmt: skip
+    print(f"(median of {rounds} alternating runs; ratio = qemu-img's time / ours)")
     for name, bs, depth, count, write in WORKLOADS:
         count = max(depth, int(count * scale))
         run_ours(path, bs, depth, max(depth, count // 10), write)  # warm-up
         for aio in aios:
-            qemu_t, ours_t = [], []
+            qemu_t: list[float] = []
+            ours_t: list[float] = []
             for r in range(rounds):
-                pair = [lambda: qemu_t.append(run_qemu(path, bs, depth, count, write, aio)),
-                        lambda: ours_t.append(run_ours(path, bs, depth, count, write))]
-                for fn in pair if r % 2 == 0 else reversed(pair):
-                    fn()
+                for side in ("qemu", "ours") if r % 2 == 0 else ("ours", "qemu"):
+                    if side == "qemu":
+                        qemu_t.append(run_qemu(path, bs, depth, count, write, aio))
+                    else:
+                        ours_t.append(run_ours(path, bs, depth, count, write))
             q, o = statistics.median(qemu_t), statistics.median(ours_t)
             print(f"{name:<14} {aio:<9} {q:8.3f} {o:8.3f} {count / q:9.0f} {count / o:9.0f} "
                   f"{q / o:6.2f}", flush=True)  # fmt: skip

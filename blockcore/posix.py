@@ -269,8 +269,15 @@ class PosixEngine:
     through a bounce buffer (offsets and lengths must be aligned by the caller).
     """
 
-    __slots__ = ("fd", "filename", "direct", "inline", "nowait_read", "nowait_write",
-                 "_flush_error")  # fmt: skip
+    __slots__ = (
+        "_flush_error",
+        "direct",
+        "fd",
+        "filename",
+        "inline",
+        "nowait_read",
+        "nowait_write",
+    )  # fmt: skip
 
     def __init__(self, fd: int, filename: str, *, direct: bool = False) -> None:
         self.fd = fd
@@ -576,12 +583,16 @@ class ImageLock:
         """Raise :class:`PermissionConflictError` (with QEMU's message and a ``hint``) if
         another description's locks forbid taking ``perm`` or not sharing ``~shared``."""
         tests = [(LOCK_SHARED_BASE, perm, 'Failed to get "{}" lock'),
-                 (LOCK_PERM_BASE, Perm.ALL & ~shared, 'Failed to get shared "{}" lock')]  # fmt: skip
+                 (LOCK_PERM_BASE, Perm.ALL & ~shared, 'Failed to get shared "{}" lock')]
         for base, bits, message in tests:
             for i, bit in enumerate(_PERM_BITS):
-                if bits & bit and self._fcntl(self._getlk, fcntl.F_WRLCK, base + i) != fcntl.F_UNLCK:
+                if not bits & bit:
+                    continue
+                if self._fcntl(self._getlk, fcntl.F_WRLCK, base + i) != fcntl.F_UNLCK:
                     err = PermissionConflictError(message.format(bit.qemu_names[0]), self.filename)
-                    err.hint = f"Is another process using the image [{self.filename}]?"  # type: ignore[attr-defined]
+                    err.hint = (  # type: ignore[attr-defined]
+                        f"Is another process using the image [{self.filename}]?"
+                    )
                     raise err
 
     def prepare(self, perm: Perm, shared: Perm) -> None:

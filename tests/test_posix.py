@@ -24,7 +24,7 @@ from blockcore.util import aligned_buffer
 MiB = 1 << 20
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
 
@@ -309,7 +309,7 @@ def loop4k(tmp_path: Path) -> Iterator[str]:
     backing.write_bytes(b"")
     os.truncate(backing, 16 * MiB)
     res = subprocess.run(["losetup", "--find", "--show", "--sector-size", "4096", str(backing)],
-                         capture_output=True, text=True)  # fmt: skip
+                         check=False, capture_output=True, text=True)  # fmt: skip
     if res.returncode:
         pytest.skip(f"losetup failed: {res.stderr.strip()}")
     dev = res.stdout.strip()
@@ -432,7 +432,8 @@ def test_lock_check_fails_against_running_qemu_io(
 
 
 def _qemu_io(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-io", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(["qemu-io", *args], check=False, capture_output=True, text=True,
+                          timeout=30)
 
 
 @pytest.mark.parametrize(

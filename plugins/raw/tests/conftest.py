@@ -49,11 +49,13 @@ def qemu() -> None:
 
 
 def qemu_io(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-io", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(["qemu-io", *args], check=False, capture_output=True, text=True,
+                          timeout=60)
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(["qemu-img", *args], check=False, capture_output=True, text=True,
+                          timeout=60)
 
 
 def locked_bytes(path: Path | str) -> list[int]:
@@ -83,7 +85,7 @@ def scratch_mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         point.mkdir()
         opts = f"size={size}" + (",ro" if ro else "")
         res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)],
-                             capture_output=True, text=True)  # fmt: skip
+                             check=False, capture_output=True, text=True)  # fmt: skip
         if res.returncode:
             pytest.skip(f"cannot mount tmpfs: {res.stderr.strip()}")
         mounted.append(point)
@@ -104,7 +106,7 @@ def ext4_4k(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(reason)
     backing = make_image(tmp_path / "fs.img", 64 * MiB)
     res = subprocess.run(["losetup", "--find", "--show", "--sector-size", "4096", str(backing)],
-                         capture_output=True, text=True)  # fmt: skip
+                         check=False, capture_output=True, text=True)  # fmt: skip
     if res.returncode:
         pytest.skip(f"losetup failed: {res.stderr.strip()}")
     dev = res.stdout.strip()

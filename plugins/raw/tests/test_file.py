@@ -12,8 +12,16 @@ from pathlib import Path
 import pytest
 from conftest import MiB, locked_bytes, make_image, qemu_img, qemu_io
 
-from blockcore import BlockBackend, BlockError, NotSupportedError, OpenFlags, bdrv_create
-from blockcore import PermissionConflictError, PreallocMode, run
+from blockcore import (
+    BlockBackend,
+    BlockError,
+    NotSupportedError,
+    OpenFlags,
+    PermissionConflictError,
+    PreallocMode,
+    bdrv_create,
+    run,
+)
 from blockcore.aio import bdrv_graph_co_rdlock
 from blockcore.info import bdrv_get_allocated_file_size, bdrv_get_info, bdrv_has_zero_init
 from blockcore.special import bdrv_co_copy_range
@@ -96,7 +104,8 @@ def test_not_a_regular_file() -> None:
 
 
 def _immutable(path: Path) -> bool:
-    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    res = subprocess.run(["chattr", "+i", str(path)], check=False, capture_output=True)
+    return res.returncode == 0
 
 
 def test_no_permission_and_auto_read_only(tmp_path: Path) -> None:
@@ -117,10 +126,10 @@ def test_no_permission_and_auto_read_only(tmp_path: Path) -> None:
                 blk.pwrite(0, b"x")
             assert w.value.errno in (errno.EPERM, errno.EACCES)
     finally:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        subprocess.run(["chattr", "-i", str(path)], check=False, capture_output=True)
 
 
-def test_read_only_filesystem(scratch_mount) -> None:  # noqa: ANN001
+def test_read_only_filesystem(scratch_mount) -> None:
     point = scratch_mount()
     make_image(point / "f.img", MiB)
     subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
@@ -131,7 +140,7 @@ def test_read_only_filesystem(scratch_mount) -> None:  # noqa: ANN001
         assert blk.pread(0, 16) == bytes(16)
 
 
-def test_enospc_is_reported_and_names_the_file(scratch_mount) -> None:  # noqa: ANN001
+def test_enospc_is_reported_and_names_the_file(scratch_mount) -> None:
     point = scratch_mount(size="256k")
     path = make_image(point / "full.img", 4 * MiB)  # sparse: larger than the filesystem
     with open_file(path) as blk:
@@ -231,7 +240,7 @@ def test_zero_write_may_unmap_punches(fsdir: Path) -> None:
         assert st.ret & S.ZERO and st.pnum == 262144
 
 
-def _on_root(blk: BlockBackend, coro_fn, *args: object) -> None:  # noqa: ANN001
+def _on_root(blk: BlockBackend, coro_fn, *args: object) -> None:
     """Run an I/O function on the backend's root edge (below the backend's EOF check)."""
 
     async def go() -> None:
@@ -374,9 +383,11 @@ def test_create_refuses_metadata_and_respects_locks(tmp_path: Path) -> None:
     with pytest.raises(NotSupportedError, match="unsupported preallocation mode: metadata"):
         bdrv_create("file", str(path), {"size": MiB, "preallocation": "metadata"})
     make_image(path, MiB, {0: b"keep"})
-    with open_file(path, RW | OpenFlags.NO_SHARE):  # we share neither write nor resize
-        with pytest.raises(PermissionConflictError, match='Failed to get "write" lock'):
-            bdrv_create("file", str(path), {"size": MiB})
+    with (
+        open_file(path, RW | OpenFlags.NO_SHARE),  # we share neither write nor resize
+        pytest.raises(PermissionConflictError, match='Failed to get "write" lock'),
+    ):
+        bdrv_create("file", str(path), {"size": MiB})
     assert path.read_bytes()[:4] == b"keep"
 
 
@@ -413,9 +424,12 @@ def test_copy_range_needs_posix_source(tmp_path: Path) -> None:
     mem = MemoryDriver("memcopy").register()
     try:
         src = BlockBackend.open(None, {"driver": "memcopy", "size": MiB}, RW)
-        with src, open_file(make_image(tmp_path / "d.img", MiB)) as dst:
-            with pytest.raises(NotSupportedError):
-                _copy(src, dst, 0, 0, 65536)
+        with (
+            src,
+            open_file(make_image(tmp_path / "d.img", MiB)) as dst,
+            pytest.raises(NotSupportedError),
+        ):
+            _copy(src, dst, 0, 0, 65536)
     finally:
         mem.unregister()
 
@@ -433,7 +447,7 @@ def test_direct_io_on_4k_sectors(ext4_4k: Path, qemu: None) -> None:
     assert res.returncode == 0 and "verification failed" not in res.stdout, res.stdout
 
 
-def test_zero_write_enospc(scratch_mount) -> None:  # noqa: ANN001
+def test_zero_write_enospc(scratch_mount) -> None:
     point = scratch_mount(size="64k")
     path = make_image(point / "x.img", MiB)
     with open_file(path) as blk, pytest.raises(OSError) as info:

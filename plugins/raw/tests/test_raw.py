@@ -12,8 +12,17 @@ from typing import Any
 import pytest
 from conftest import MiB, locked_bytes, make_image, qemu_img
 
-from blockcore import BlockBackend, BlockError, NotSupportedError, OpenFlags, bdrv_create, run
-from blockcore import hookimpl, register_driver, unregister_driver
+from blockcore import (
+    BlockBackend,
+    BlockError,
+    NotSupportedError,
+    OpenFlags,
+    bdrv_create,
+    hookimpl,
+    register_driver,
+    run,
+    unregister_driver,
+)
 from blockcore.aio import bdrv_graph_co_rdlock
 from blockcore.errors import NoSpaceError
 from blockcore.info import bdrv_get_allocated_file_size
@@ -56,7 +65,8 @@ def test_flags_and_descriptor(tmp_path: Path) -> None:
         file_bs = blk.bs.file.bs  # type: ignore[union-attr]
         assert blk.bs.drv.descriptor.concurrency.value == "parallel"  # type: ignore[union-attr]
         assert file_bs.drv.descriptor.concurrency.value == "parallel"  # type: ignore[union-attr]
-        assert blk.bs.supported_zero_flags & F.MAY_UNMAP and blk.bs.supported_zero_flags & F.NO_FALLBACK
+        assert blk.bs.supported_zero_flags & F.MAY_UNMAP
+        assert blk.bs.supported_zero_flags & F.NO_FALLBACK
         assert not blk.bs.supported_write_flags & F.FUA  # the file emulates no FUA itself
         assert blk.bs.bl.request_alignment == 1
 

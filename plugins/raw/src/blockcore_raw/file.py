@@ -386,8 +386,7 @@ async def bdrv_co_copy_range_to(
 async def bdrv_co_create_opts(filename: str, options: dict[str, Any]) -> None:
     """Create (or empty) ``filename`` with size and preallocation, holding QEMU's create
     locks (write and resize, resize unshared) meanwhile."""
-    if filename.startswith("file:"):
-        filename = filename[len("file:") :]
+    filename = filename.removeprefix("file:")
     size = parse_size(options.get("size") or 0)
     prealloc = PreallocMode.from_name(str(options.get("preallocation") or "off"))
     nocow = parse_bool(options.get("nocow", False), "nocow")

@@ -14,8 +14,8 @@ from blockcore.drivers import bdrv_find_format, bdrv_list_drivers
 from blockcore.errors import BlockError, NoSpaceError, NotSupportedError
 from blockcore.graph import bdrv_default_perms, bdrv_open_child
 from blockcore.types import (
-    BLOCK_PROBE_BUF_SIZE,
     BDRV_SECTOR_SIZE,
+    BLOCK_PROBE_BUF_SIZE,
     BdrvRequestFlags,
     BlockDriverInfo,
     BlockLimits,
@@ -198,7 +198,7 @@ async def bdrv_co_preadv(
         offset = _adjust(bs, offset, length, False)
     if flags:  # (IntFlag arithmetic costs ~1 us: skip it for the usual flags=0)
         flags &= ~F.COPY_ON_READ  # it stays here: the file below has no backing to copy from
-    await io.bdrv_co_preadv(bs.file, offset, length, buf, flags)
+    await io.bdrv_co_preadv(bs.file, offset, length, buf, flags)  # type: ignore[arg-type]
 
 
 async def _check_probed_write(bs: BlockDriverState, offset: int, buf: memoryview) -> None:
@@ -206,7 +206,7 @@ async def _check_probed_write(bs: BlockDriverState, offset: int, buf: memoryview
     so that the next probe cannot take the guest's data for, say, a qcow2 header."""
     head = bytearray(min(BLOCK_PROBE_BUF_SIZE, bs.total_bytes, max(offset + len(buf), 512)))
     if offset > 0 or len(buf) < len(head):
-        await io.bdrv_co_preadv(bs.file, 0, len(head), memoryview(head))
+        await io.bdrv_co_preadv(bs.file, 0, len(head), memoryview(head))  # type: ignore[arg-type]
     n = min(len(buf), len(head) - offset)
     head[offset : offset + n] = buf[:n]
     best, best_score = "raw", 0
@@ -229,7 +229,7 @@ async def bdrv_co_pwritev(
         await _check_probed_write(bs, offset, buf)
     if st.window:
         offset = _adjust(bs, offset, length, True)
-    await io.bdrv_co_pwritev(bs.file, offset, length, buf, flags)
+    await io.bdrv_co_pwritev(bs.file, offset, length, buf, flags)  # type: ignore[arg-type]
 
 
 @hookimpl
@@ -237,13 +237,13 @@ async def bdrv_co_pwrite_zeroes(
     bs: BlockDriverState, offset: int, length: int, flags: BdrvRequestFlags
 ) -> None:
     offset = _adjust(bs, offset, length, True)
-    await io.bdrv_co_pwrite_zeroes(bs.file, offset, length, flags)
+    await io.bdrv_co_pwrite_zeroes(bs.file, offset, length, flags)  # type: ignore[arg-type]
 
 
 @hookimpl
 async def bdrv_co_pdiscard(bs: BlockDriverState, offset: int, length: int) -> None:
     offset = _adjust(bs, offset, length, True)
-    await io.bdrv_co_pdiscard(bs.file, offset, length)
+    await io.bdrv_co_pdiscard(bs.file, offset, length)  # type: ignore[arg-type]
 
 
 @hookimpl
@@ -263,7 +263,8 @@ async def bdrv_co_truncate(
     if st.size is not None:
         raise NotSupportedError(f"cannot resize a raw image with a fixed size ({st.size} "
                                 "bytes, option 'size')", bs.filename or bs.node_name)  # fmt: skip
-    await io.bdrv_co_truncate(bs.file, offset + st.offset, exact, prealloc, flags)
+    child: BdrvChild = bs.file  # type: ignore[assignment]
+    await io.bdrv_co_truncate(child, offset + st.offset, exact, prealloc, flags)
 
 
 @hookimpl
@@ -290,7 +291,8 @@ async def bdrv_co_copy_range_from(
     length: int, read_flags: BdrvRequestFlags, write_flags: BdrvRequestFlags,
 ) -> None:  # fmt: skip
     src_offset = _adjust(bs, src_offset, length, False)
-    await special.bdrv_co_copy_range_from(bs.file, src_offset, dst, dst_offset, length,
+    child: BdrvChild = bs.file  # type: ignore[assignment]
+    await special.bdrv_co_copy_range_from(child, src_offset, dst, dst_offset, length,
                                           read_flags, write_flags)  # fmt: skip
 
 
@@ -300,7 +302,8 @@ async def bdrv_co_copy_range_to(
     length: int, read_flags: BdrvRequestFlags, write_flags: BdrvRequestFlags,
 ) -> None:  # fmt: skip
     dst_offset = _adjust(bs, dst_offset, length, True)
-    await special.bdrv_co_copy_range_to(src, src_offset, bs.file, dst_offset, length,
+    child: BdrvChild = bs.file  # type: ignore[assignment]
+    await special.bdrv_co_copy_range_to(src, src_offset, child, dst_offset, length,
                                         read_flags, write_flags)  # fmt: skip
 
 
