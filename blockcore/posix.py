@@ -619,6 +619,21 @@ class ImageLock:
         with contextlib.suppress(OSError):
             self.apply(self.perm, Perm.ALL & ~self.shared, True)
 
+    def transfer(self, fd: int) -> ImageLock:
+        """Move the locks to another description of the same file (reopen): lock there
+        first, then unlock here, so other processes never see a gap. Returns the new lock."""
+        other = ImageLock(fd, self.filename)
+        other._getlk, other._setlk = self._getlk, self._setlk
+        other.perm, other.shared = self.perm, self.shared
+        for byte in sorted(self.held):
+            other._fcntl(other._setlk, fcntl.F_RDLCK, byte)
+            other.held.add(byte)
+        for byte in sorted(self.held):
+            with contextlib.suppress(OSError):
+                self._fcntl(self._setlk, fcntl.F_UNLCK, byte)
+        self.held.clear()
+        return other
+
     def held_bytes(self) -> list[int]:
         """Lock bytes this description holds, sorted (tests, diagnostics)."""
         return sorted(self.held)

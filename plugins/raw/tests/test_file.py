@@ -453,3 +453,57 @@ def test_zero_write_enospc(scratch_mount) -> None:
     with open_file(path) as blk, pytest.raises(OSError) as info:
         blk.pwrite_zeroes(0, MiB)  # fallocate cannot get the space either
     assert info.value.errno == errno.ENOSPC
+
+
+# -------------------------------------------------------------------------------------------
+# Reopen (the hooks, driven as the core's reopen transaction would)
+# -------------------------------------------------------------------------------------------
+
+
+def test_reopen_read_write_keeps_locks(tmp_path: Path) -> None:
+    import fcntl
+
+    path = make_image(tmp_path / "r.img", MiB)
+    with open_file(path, OpenFlags.NO_SHARE) as blk:  # read-only, sharing only reads
+        bs, drv = blk.bs, blk.bs.drv
+        before = locked_bytes(path)
+        assert before == [100, 201, 203]
+        old_fd = bs.opaque.fd
+        state = drv.bdrv_reopen_prepare(bs, {}, bs.open_flags | RW)  # type: ignore[union-attr]
+        assert locked_bytes(path) == before  # moved to the new descriptor, never dropped
+        drv.bdrv_reopen_commit(bs, state)  # type: ignore[union-attr]
+        bs.open_flags |= RW
+        assert bs.opaque.fd != old_fd
+        assert fcntl.fcntl(bs.opaque.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        assert locked_bytes(path) == before
+        run(bs.opaque.engine.pwritev(memoryview(b"w" * 512), 0))
+        assert blk.pread(0, 512) == b"w" * 512
+    assert locked_bytes(path) == []
+
+
+def test_reopen_abort_and_no_op(tmp_path: Path) -> None:
+    path = make_image(tmp_path / "a.img", MiB)
+    with open_file(path, OpenFlags.NONE) as blk:
+        bs, drv = blk.bs, blk.bs.drv
+        assert drv is not None
+        fd = bs.opaque.fd
+        state = drv.bdrv_reopen_prepare(bs, {}, bs.open_flags | RW)  # type: ignore[union-attr]
+        drv.bdrv_reopen_abort(bs, state)  # type: ignore[union-attr]
+        assert bs.opaque.fd == fd and locked_bytes(path) == [100]
+        with pytest.raises(OSError):  # the descriptor is still read-only
+            run(bs.opaque.engine.pwritev(memoryview(b"x" * 512), 0))
+        same = drv.bdrv_reopen_prepare(bs, {"filename": str(path)}, bs.open_flags)
+        drv.bdrv_reopen_commit(bs, same)  # type: ignore[union-attr]
+        assert bs.opaque.fd == fd
+        with pytest.raises(BlockError, match="cannot change 'filename'"):
+            drv.bdrv_reopen_prepare(bs, {"filename": "/other"}, bs.open_flags)
+
+
+def test_reopen_direct(ext4_4k: Path) -> None:
+    path = make_image(ext4_4k / "d.img", MiB)
+    with open_file(path) as blk:
+        bs, drv = blk.bs, blk.bs.drv
+        assert drv is not None
+        state = drv.bdrv_reopen_prepare(bs, {}, bs.open_flags | OpenFlags.NOCACHE)
+        drv.bdrv_reopen_commit(bs, state)
+        assert bs.opaque.engine.direct and bs.opaque.request_alignment == 4096

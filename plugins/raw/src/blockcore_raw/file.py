@@ -171,6 +171,62 @@ def bdrv_refresh_limits(bs: BlockDriverState, limits: BlockLimits) -> BlockLimit
     )
 
 
+@attrs.define(eq=False)
+class ReopenState:
+    """A prepared reopen: the new descriptor (or None when the old one stays) and the old
+    lock, to move the locks back on abort."""
+
+    fd: int | None = None
+    engine: posix.PosixEngine | None = None
+    alignment: tuple[int, int] = (1, 1)
+    old_lock: posix.ImageLock | None = None
+
+
+@hookimpl
+def bdrv_reopen_prepare(bs: BlockDriverState, options: dict[str, Any], flags: OpenFlags) -> Any:
+    """A new access mode or O_DIRECT needs a new descriptor (raw_reopen_prepare). The locks
+    move to it at once, so permission checks during the reopen see no second holder."""
+    st = _state(bs)
+    for key, current in (("filename", st.filename), ("locking", None), ("aio", None)):
+        value = options.pop(key, current)
+        if key == "filename" and value != current:
+            raise BlockError(errno.EINVAL, f"cannot change 'filename' to {value!r} on reopen",
+                             st.filename)  # fmt: skip
+    options.pop("aio-max-batch", None)
+    mask = OpenFlags.RDWR | OpenFlags.NOCACHE
+    if (flags & mask) == (bs.open_flags & mask):
+        return ReopenState()
+    direct = bool(flags & OpenFlags.NOCACHE)
+    fd = posix.open_fd(st.filename, writable=bool(flags & OpenFlags.RDWR), direct=direct)
+    try:
+        alignment = posix.probe_alignment(fd, st.filename) if direct else (1, 1)
+        state = ReopenState(fd, posix.PosixEngine(fd, st.filename, direct=direct), alignment)
+        if st.lock is not None:
+            state.old_lock, st.lock = st.lock, st.lock.transfer(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return state
+
+
+@hookimpl
+def bdrv_reopen_commit(bs: BlockDriverState, state: Any) -> None:
+    st = _state(bs)
+    if state.fd is not None:
+        os.close(st.fd)
+        st.fd, st.engine = state.fd, state.engine
+        st.request_alignment, st.buf_alignment = state.alignment
+
+
+@hookimpl
+def bdrv_reopen_abort(bs: BlockDriverState, state: Any) -> None:
+    st = _state(bs)
+    if state.fd is not None:
+        if state.old_lock is not None and st.lock is not None:
+            st.lock = st.lock.transfer(st.fd)
+        os.close(state.fd)
+
+
 # -------------------------------------------------------------------------------------------
 # Image locking: the two phases of a permission update
 # -------------------------------------------------------------------------------------------
