@@ -187,8 +187,12 @@ API["AIO_WAIT_WHILE"] = Tier.IO_OR_GS
 
 
 def _run_in_context(ctx: AioContext, coro: Coroutine[Any, Any, T], name: str) -> T:
-    """BDRV_POLL_WHILE for one coroutine: run it in ``ctx`` and wait for its result."""
-    if ctx.in_home_thread():
+    """BDRV_POLL_WHILE for one coroutine: run it in ``ctx`` and wait for its result.
+
+    While it waits, the main thread runs the global-state calls that coroutines hand it with
+    :func:`run_in_main_loop` (QEMU's ``no_co_wrapper``), outside the event loop.
+    """
+    if ctx.in_home_thread() and not qemu_in_main_thread():
         return ctx.loop.run_until_complete(coro)
     if not qemu_in_main_thread():
         coro.close()
@@ -196,12 +200,85 @@ def _run_in_context(ctx: AioContext, coro: Coroutine[Any, Any, T], name: str) ->
             f"{name}: node lives in {ctx.name}; only the main thread or that context's own "
             f"thread may wait for it, not {threading.current_thread().name!r}"
         )
-    if not ctx.loop.is_running():
-        coro.close()
-        raise DeadlockError(f"{name}: {ctx.name} is not running (stopped IOThread)")
-    cf = asyncio.run_coroutine_threadsafe(coro, ctx.loop)
     main_loop = main_context().loop
-    return main_loop.run_until_complete(asyncio.wrap_future(cf, loop=main_loop))
+    if ctx.loop is main_loop:
+        fut: asyncio.Future[T] = main_loop.create_task(coro)
+    else:
+        if not ctx.loop.is_running():
+            coro.close()
+            raise DeadlockError(f"{name}: {ctx.name} is not running (stopped IOThread)")
+        fut = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, ctx.loop), loop=main_loop)
+    while True:
+        main_loop.run_until_complete(_first_of(fut, _gs_wakeup(main_loop)))
+        if fut.done():
+            return fut.result()
+        _run_gs_requests()
+
+
+# -------------------------------------------------------------------------------------------
+# Global-state calls from coroutines (QEMU's no_co_wrapper)
+# -------------------------------------------------------------------------------------------
+
+_gs_requests: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+_gs_event: asyncio.Future[None] | None = None
+_gs_lock = threading.Lock()
+
+
+def _gs_wakeup(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    global _gs_event
+    with _gs_lock:
+        if _gs_event is None or _gs_event.done():
+            _gs_event = loop.create_future()
+            if _gs_requests:
+                _gs_event.set_result(None)
+        return _gs_event
+
+
+async def _first_of(a: asyncio.Future[Any], b: asyncio.Future[None]) -> None:
+    await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
+
+
+def _run_gs_requests() -> None:
+    while True:
+        with _gs_lock:
+            if not _gs_requests:
+                return
+            fn, args, fut = _gs_requests.pop(0)
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the waiting coroutine)
+            fut.get_loop().call_soon_threadsafe(_settle, fut, None, exc)
+        else:
+            fut.get_loop().call_soon_threadsafe(_settle, fut, result, None)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+@api(Tier.IO)
+async def run_in_main_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run the global-state function ``fn(*args)`` in the main thread, outside any event
+    loop, and return its result to this coroutine (QEMU's ``no_co_wrapper``). Tier: I/O.
+
+    The main thread must be waiting for this coroutine (it is, for coroutines started by the
+    sync wrappers and :func:`run`); otherwise :class:`DeadlockError`.
+    """
+    main_loop = main_context().loop
+    if _gs_event is None and not main_loop.is_running():
+        raise DeadlockError(f"run_in_main_loop({fn.__name__}): the main thread is not waiting")
+    fut = asyncio.get_running_loop().create_future()
+    with _gs_lock:
+        _gs_requests.append((fn, args, fut))
+        event = _gs_event
+    if event is not None:
+        event.get_loop().call_soon_threadsafe(_settle, event, None, None)
+    return await fut
 
 
 async def run_in_context(ctx: AioContext, coro: Coroutine[Any, Any, T]) -> T:
@@ -222,7 +299,20 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on the main context and return its result (the entry point for async code
     using the main context). Tier: GS."""
     global_state_code("run")
-    return main_context().loop.run_until_complete(coro)
+    return _run_in_context(main_context(), coro, "run")
+
+
+@api(Tier.IO_OR_GS)
+def run_co(bs: Any, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` in the AioContext of node ``bs`` with the graph read lock and wait for it
+    (how a GS hook such as ``bdrv_open`` runs a driver's own coroutines). Tier: I/O or GS."""
+    io_or_gs_code("run_co", bs)
+
+    async def locked() -> T:
+        async with bdrv_graph_co_rdlock():
+            return await coro
+
+    return _run_in_context(bs.aio_context, locked(), "run_co")
 
 
 def _context_of(first: Any) -> AioContext:

@@ -41,7 +41,7 @@ from .special import BlockAIOCB
 from .tiers import Tier, api, global_state_code
 from .types import BdrvRequestFlags, ChildRole, OpenFlags, Perm, PreallocMode
 
-__all__ = ["BlockBackend"]
+__all__ = ["BlockBackend", "blk_co_new_open", "blk_co_unref"]
 
 F = BdrvRequestFlags
 
@@ -346,3 +346,22 @@ class BlockBackend:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+@api(Tier.IO)
+async def blk_co_new_open(filename: str | None, options: dict[str, Any] | None = None,
+                          flags: OpenFlags = OpenFlags.NONE) -> BlockBackend:  # fmt: skip
+    """Open a BlockBackend from a coroutine (``bdrv_co_create_opts`` writing a new image):
+    the open runs in the main thread through :func:`blockcore.aio.run_in_main_loop`.
+    Close it with ``await blk_co_unref(blk)``. Tier: I/O."""
+    from .aio import run_in_main_loop
+
+    return await run_in_main_loop(BlockBackend.open, filename, options, flags)
+
+
+@api(Tier.IO)
+async def blk_co_unref(blk: BlockBackend) -> None:
+    """Close a backend from a coroutine (in the main thread). Tier: I/O."""
+    from .aio import run_in_main_loop
+
+    await run_in_main_loop(blk.close)

@@ -466,3 +466,26 @@ def bdrv_create(driver_name: str, filename: str, options: dict[str, Any]) -> Non
         if name not in opts and spec.default is not None:
             opts[name] = spec.default
     run(drv.bdrv_co_create_opts(filename, opts))  # type: ignore[attr-defined]
+
+
+@api(Tier.IO)
+async def bdrv_co_create_file(filename: str, options: dict[str, Any]) -> None:
+    """Create the protocol-level file of a new image (QEMU's bdrv_co_create_file). Tier: I/O.
+
+    Format drivers call it from ``bdrv_co_create_opts``; the protocol driver is chosen from
+    the filename (``file`` for plain paths) and gets the options it declares (``size``,
+    ``preallocation``...), the others are dropped.
+    """
+    from .aio import run_in_main_loop
+    from .drivers import bdrv_find_format, bdrv_find_protocol
+
+    drv = await run_in_main_loop(bdrv_find_protocol, filename)
+    if drv is None:
+        drv = await run_in_main_loop(bdrv_find_format, "file")
+    if drv.bdrv_co_create_opts is None:  # type: ignore[attr-defined]
+        raise NotSupportedError(f"protocol driver {drv.name!r} does not support image creation",
+                                filename)  # fmt: skip
+    known = {o.name for o in drv.descriptor.create_opts}
+    prefix = f"{drv.descriptor.protocol_name}:"
+    name = filename[len(prefix):] if filename.startswith(prefix) else filename
+    await drv.bdrv_co_create_opts(name, {k: v for k, v in options.items() if k in known})  # type: ignore[attr-defined]

@@ -194,3 +194,43 @@ def test_graph_write_lock_waits_for_readers(memdrv) -> None:
         bdrv_graph_wrunlock()
         fut.result(5)
         assert order == ["reader in", "reader out", "writer in"]
+
+
+def test_coroutine_hands_global_state_work_to_main_thread(memdrv) -> None:
+    from blockcore.aio import run_in_main_loop
+    from blockcore.backend import blk_co_new_open, blk_co_unref
+
+    drv = memdrv()
+
+    async def create_and_write() -> bytes:
+        blk = await blk_co_new_open(None, {"driver": drv.name, "size": 4096, "filename": "k"},
+                                    OpenFlags.RDWR)  # fmt: skip
+        await blk.co_pwritev(10, 3, b"abc")
+        await blk_co_unref(blk)
+        node = await run_in_main_loop(bdrv_find_node, "nosuch")
+        return b"none" if node is None else b"some"
+
+    assert blockcore.run(create_and_write()) == b"none"
+    assert drv.images["k"][10:13] == b"abc"
+
+
+def test_gs_call_from_coroutine_error_reaches_the_coroutine(memdrv) -> None:
+    from blockcore.aio import run_in_main_loop
+
+    async def bad() -> None:
+        await run_in_main_loop(blockcore.bdrv_open, None, {"driver": "no-such-driver"})
+
+    with pytest.raises(blockcore.DriverNotFoundError, match="no-such-driver"):
+        blockcore.run(bad())
+
+
+def test_run_co_runs_driver_coroutine_with_rdlock(memdrv) -> None:
+    from blockcore.aio import run_co
+    from blockcore.io import bdrv_co_pread
+
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
+        blk.pwrite(0, b"xyz")
+        buf = bytearray(3)
+        run_co(blk.bs, bdrv_co_pread(blk.root, 0, 3, buf))
+        assert buf == b"xyz"
