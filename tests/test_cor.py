@@ -169,9 +169,9 @@ def test_concurrent_cor_reads_copy_a_cluster_once(env: Env) -> None:
     assert writes == [(0, 64 * KiB)]  # serialised at cluster size: one copy
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: copy-on-read pieces are at least one cluster "
-                   "(cor.copy_on_read: max(round_down(max_transfer, cluster), cluster)), so a "
-                   "driver with max_transfer < cluster size gets oversized reads and writes")
+# Regression test (core bug found by this suite, fixed in aeb6657): copy-on-read pieces are at
+# least one cluster (cor.copy_on_read: max(round_down(max_transfer, cluster), cluster)), so a
+# driver with max_transfer < cluster size gets oversized reads and writes
 def test_cor_respects_max_transfer_smaller_than_cluster(env: Env) -> None:
     base = base_backend(env)
     cow = env.cow(request_alignment=512, max_transfer=4 * KiB, cluster_size=64 * KiB)
@@ -181,9 +181,9 @@ def test_cor_respects_max_transfer_smaller_than_cluster(env: Env) -> None:
     assert allocated_grains(top) == list(range(128, 256))
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: copy-on-read of the last, partial cluster asks "
-                   "bdrv_co_is_allocated past the end (pnum 0), turns it into a 1-byte piece and "
-                   "sends the driver an unaligned 1-byte read (cor.copy_on_read)")
+# Regression test (core bug found by this suite, fixed in aeb6657): copy-on-read of the last,
+# partial cluster asks bdrv_co_is_allocated past the end (pnum 0), turns it into a 1-byte piece
+# and sends the driver an unaligned 1-byte read (cor.copy_on_read)
 def test_cor_last_partial_cluster(env: Env) -> None:
     base = base_backend(env)
     cow = env.cow(request_alignment=512, cluster_size=1024)

@@ -207,10 +207,9 @@ def test_drain_in_main_context_runs_nothing_new(env: Env) -> None:
     assert blk.pread(0, 1) == b"x"
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a request queued by BlockBackend._start while "
-                   "the root is drained keeps blk.in_flight raised, so bdrv_drain_poll reports "
-                   "the drained node busy (QEMU's blk_wait_while_drained drops in_flight while "
-                   "queued)")
+# Regression test (core bug found by this suite, fixed in aeb6657): a request queued by
+# BlockBackend._start while the root is drained keeps blk.in_flight raised, so bdrv_drain_poll
+# reports the drained node busy (QEMU's blk_wait_while_drained drops in_flight while queued)
 def test_queued_request_does_not_make_drained_node_busy(env: Env) -> None:
     blk = env.open(env.mem(), 65536)
     bs = blk.bs
@@ -248,10 +247,9 @@ def run_script(body: str, timeout: float = 8) -> tuple[bool, str]:
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a request submitted while bdrv_drained_begin "
-                   "polls is queued by BlockBackend._start but still counts in blk.in_flight, "
-                   "so the drain never completes (QEMU's blk_wait_while_drained drops in_flight "
-                   "while queued)")
+# Regression test (core bug found by this suite, fixed in aeb6657): a request submitted while
+# bdrv_drained_begin polls is queued by BlockBackend._start but still counts in blk.in_flight, so
+# the drain never completes (QEMU's blk_wait_while_drained drops in_flight while queued)
 def test_request_submitted_while_draining_waits_for_drained_end() -> None:
     ok, out = run_script("""
         blk = env.open(env.mem(delay=0.3), 65536)
@@ -286,9 +284,9 @@ def test_request_submitted_while_draining_waits_for_drained_end() -> None:
     assert out.strip() == "done"
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: nested bdrv_drained_begin (or any drain) while "
-                   "a request is queued behind the drained section polls forever, because the "
-                   "queued request still counts in blk.in_flight (backend.BlockBackend._start)")
+# Regression test (core bug found by this suite, fixed in aeb6657): nested bdrv_drained_begin (or
+# any drain) while a request is queued behind the drained section polls forever, because the
+# queued request still counts in blk.in_flight (backend.BlockBackend._start)
 def test_nested_drain_with_queued_request_does_not_hang() -> None:
     ok, out = run_script("""
         blk = env.open(env.mem(), 65536)

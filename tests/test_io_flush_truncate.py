@@ -297,10 +297,10 @@ def test_truncate_grow_over_shorter_backing_needs_no_zeroing(env: Env) -> None:
     assert top.pread(8192, 24576) == bytes(24576)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: growing a node whose driver lacks the "
-                   "ZERO_WRITE truncate flag emulates it with _do_pwrite_zeroes(old, new - old) "
-                   "without aligning to request_alignment, so the driver gets unaligned zero "
-                   "writes (io.bdrv_co_truncate); QEMU refuses with ENOTSUP instead")
+# Regression test (core bug found by this suite, fixed in aeb6657): growing a node whose driver
+# lacks the ZERO_WRITE truncate flag emulates it with _do_pwrite_zeroes(old, new - old) without
+# aligning to request_alignment, so the driver gets unaligned zero writes (io.bdrv_co_truncate);
+# QEMU refuses with ENOTSUP instead
 def test_truncate_zero_tail_without_driver_flag_respects_request_alignment(env: Env) -> None:
     base = env.open(env.mem(), 65536)
     base.pwrite(0, b"\xbb" * 65536)

@@ -263,8 +263,8 @@ def test_fua_passed_to_driver_that_supports_it(env: Env) -> None:
     assert drv.flushes == 0
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: FUA is stripped from every chunk but the "
-                   "last even when the driver honours FUA natively (io._aligned_pwritev)")
+# Regression test (core bug found by this suite, fixed in aeb6657): FUA is stripped from every
+# chunk but the last even when the driver honours FUA natively (io._aligned_pwritev)
 def test_native_fua_kept_on_every_chunk(env: Env) -> None:
     drv = env.mem(fua=True, max_transfer=4096)
     blk = env.open(drv, 65536)
@@ -283,9 +283,9 @@ def test_fua_not_passed_to_driver_without_it(env: Env) -> None:
     assert all(not flags & F.FUA for h, _o, _n, flags in drv.calls if h == "pwritev")
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: emulated FUA flushes before write_gen moves, "
-                   "so bdrv_co_flush skips flush_to_disk (same as QEMU bug fixed by "
-                   "'block: create bdrv_advance_flush_gen() helper')")
+# Regression test (core bug found by this suite, fixed in aeb6657): emulated FUA flushes before
+# write_gen moves, so bdrv_co_flush skips flush_to_disk (same as QEMU bug fixed by 'block: create
+# bdrv_advance_flush_gen() helper')
 @pytest.mark.parametrize("flushed_before", [False, True])
 def test_fua_emulated_by_flush_to_disk(env: Env, flushed_before: bool) -> None:
     drv = env.mem(fua=False, max_transfer=4096)

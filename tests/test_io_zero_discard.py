@@ -109,14 +109,11 @@ def test_unaligned_zero_write_pads_edges(env: Env, align: int, blocks: int) -> N
     assert {o for o, _n in reads} <= {3 * align, round_down(offset + length, align)}
 
 
-SMALL_ZERO = pytest.mark.xfail(strict=True, reason="core bug (QEMU deviation): an unaligned "
-                               "zero write whose padded range is <= 64 KiB is written as one "
-                               "data buffer; its aligned middle never reaches the driver's "
-                               "zero write (io._padded_pwritev small path)")
-
-
 @pytest.mark.parametrize("align", [512, 4096])
-@pytest.mark.parametrize("size", [pytest.param("small", marks=SMALL_ZERO), "large"])
+# Regression test (core bug found by this suite, fixed in aeb6657): an unaligned zero write whose
+# padded range was <= 64 KiB was written as one data buffer; its aligned middle never reached the
+# driver's zero write (io._padded_pwritev small path)
+@pytest.mark.parametrize("size", ["small", "large"])
 def test_unaligned_zero_write_middle_uses_driver_zero_write(env: Env, align: int,
                                                             size: str) -> None:  # fmt: skip
     blocks = 4 if size == "small" else 65536 // align + 8
@@ -227,9 +224,9 @@ def test_no_fallback_reaches_driver_that_declares_it(env: Env) -> None:
     assert blk.pread(0, 8192) == bytes(8192)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug (QEMU deviation): NO_FALLBACK is refused with "
-                   "ENOTSUP only when the driver lacks a zero-write hook; QEMU refuses it "
-                   "whenever NO_FALLBACK is not in supported_zero_flags (io._do_pwrite_zeroes)")
+# Regression test (core bug found by this suite, fixed in aeb6657): NO_FALLBACK is refused with
+# ENOTSUP only when the driver lacks a zero-write hook; QEMU refuses it whenever NO_FALLBACK is
+# not in supported_zero_flags (io._do_pwrite_zeroes)
 def test_no_fallback_refused_when_driver_does_not_declare_it(env: Env) -> None:
     drv = env.mem()  # has a zero write, supported_zero_flags = MAY_UNMAP only
     blk = env.open(drv, MiB)
@@ -261,8 +258,8 @@ def test_can_write_zeroes_with_unmap_needs_driver_flag(env: Env) -> None:
     assert not info.bdrv_can_write_zeroes_with_unmap(cblk.bs)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: emulated FUA on a zero write flushes before "
-                   "write_gen moves, so flush_to_disk is skipped (io._do_pwrite_zeroes)")
+# Regression test (core bug found by this suite, fixed in aeb6657): emulated FUA on a zero write
+# flushes before write_gen moves, so flush_to_disk is skipped (io._do_pwrite_zeroes)
 def test_zero_write_fua_emulated_by_flush(env: Env) -> None:
     drv = env.mem(fua=False)
     blk = env.open(drv, MiB)
@@ -378,9 +375,9 @@ def test_discard_on_read_only_node_with_unmap_is_eperm(env: Env) -> None:
     assert drv.calls == []
 
 
-@pytest.mark.xfail(strict=True, reason="core bug (QEMU deviation): bdrv_co_pdiscard checks "
-                   "read-only before the discard=unmap policy; QEMU returns 0 for a node "
-                   "opened without unmap, read-only or not")
+# Regression test (core bug found by this suite, fixed in aeb6657): bdrv_co_pdiscard checks read-
+# only before the discard=unmap policy; QEMU returns 0 for a node opened without unmap, read-only
+# or not
 def test_discard_on_read_only_node_without_unmap_is_a_no_op(env: Env) -> None:
     drv = env.mem()
     blk = env.open(drv, MiB, OpenFlags.NONE)

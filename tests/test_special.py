@@ -250,9 +250,9 @@ def test_aio_read_delivers_data(env: Env) -> None:
     assert results == [0] and buf == b"a" * 512
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: bdrv_aio_cancel refuses with EDEADLK whenever "
-                   "the node's loop is running, which an IOThread's loop always is, so it can "
-                   "never cancel a request of a node in an IOThread (special.bdrv_aio_cancel)")
+# Regression test (core bug found by this suite, fixed in aeb6657): bdrv_aio_cancel refuses with
+# EDEADLK whenever the node's loop is running, which an IOThread's loop always is, so it can
+# never cancel a request of a node in an IOThread (special.bdrv_aio_cancel)
 def test_cancel_request_of_iothread_node_from_main_thread(env: Env) -> None:
     drv = env.mem(delay=0.05)
     blk = env.open(drv, 64 * KiB)
@@ -312,9 +312,9 @@ def test_bounce_buffers_are_aligned(env: Env) -> None:
     assert writes and all(addr is not None and addr % 4096 == 0 for addr in writes)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: util.aligned_buffer only page-aligns (mmap), so "
-                   "qemu_blockalign and bounce buffers ignore an opt_mem_alignment larger than "
-                   "the page size")
+# Regression test (core bug found by this suite, fixed in aeb6657): util.aligned_buffer only
+# page-aligns (mmap), so qemu_blockalign and bounce buffers ignore an opt_mem_alignment larger
+# than the page size
 def test_qemu_blockalign_honours_alignment_above_page_size(env: Env) -> None:
     align = 4 * PAGE_SIZE
     drv = env.add(BufferRecordingMemoryDriver(unique("iobuf"), opt_mem_alignment=align))

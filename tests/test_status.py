@@ -111,9 +111,9 @@ def test_status_above_whole_chain_allocated_ranges(chain: dict[str, BlockDriverS
     del last_offset
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a range unallocated in every layer down to a "
-                   "base without backing gets ret 0; QEMU returns the last layer's answer, "
-                   "which has ZERO (status._common_status_above uses the top layer's bits)")
+# Regression test (core bug found by this suite, fixed in aeb6657): a range unallocated in every
+# layer down to a base without backing gets ret 0; QEMU returns the last layer's answer, which
+# has ZERO (status._common_status_above uses the top layer's bits)
 def test_status_above_hole_through_whole_chain_reads_as_zero(
     chain: dict[str, BlockDriverState],
 ) -> None:
@@ -218,9 +218,9 @@ def test_is_zero_fast_on_allocated_layers(chain: dict[str, BlockDriverState]) ->
     assert not zero_fast(top, 0, SIZE)  # data somewhere: no proof of zeros
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: bdrv_co_is_zero_fast is False for a range "
-                   "that is a hole in every layer of a chain whose base has no backing file "
-                   "(QEMU: 1; follows from the status._common_status_above ZERO bug)")
+# Regression test (core bug found by this suite, fixed in aeb6657): bdrv_co_is_zero_fast is False
+# for a range that is a hole in every layer of a chain whose base has no backing file (QEMU: 1;
+# follows from the status._common_status_above ZERO bug)
 def test_is_zero_fast_on_hole_through_whole_chain(chain: dict[str, BlockDriverState]) -> None:
     hole = [g for g in range(N) if expected(g)[0] == 0]
     for g in hole:
@@ -244,9 +244,9 @@ def test_short_backing_reads_as_allocated_zeros(env: Env) -> None:
     del base, mid
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: EOF is added when a lower layer's answer "
-                   "covers the narrowed range even though that range stops before the end of "
-                   "the top node (QEMU adds EOF only if offset + pnum reaches the top's end)")
+# Regression test (core bug found by this suite, fixed in aeb6657): EOF is added when a lower
+# layer's answer covers the narrowed range even though that range stops before the end of the top
+# node (QEMU adds EOF only if offset + pnum reaches the top's end)
 @pytest.mark.parametrize("base_kind", ["short", "allocated"])
 def test_eof_only_when_range_reaches_top_end(env: Env, base_kind: str) -> None:
     cow = env.cow(request_alignment=G)
