@@ -12,16 +12,13 @@
   100+bit (held permissions) and 200+bit (unshared ones), so blockcore and QEMU processes
   respect each other's locks.
 
-Buffered writes: ``RWF_NOWAIT`` writes fail with ``EOPNOTSUPP`` on ext4 and tmpfs (kernel
-6.x), and a blocking write inline could stall the event loop on dirty-page throttling, so
-they go to the pool (tried once per fd; kept where the kernel accepts them). Measured here
-for 1 MiB writes at depth 16: one thread per request 8.6-8.9k/s; one writer job per file
-(even with vectored writes) 5.5k/s, since ext4 lets several buffered writers copy at once;
-inline writes 9.5-10.8k/s but blocking.
-
-The pool is our own rather than ``loop.run_in_executor``: no concurrent.futures.Future per
-request and one loop wake-up per batch of completions (cached 4 KiB reads through it at
-depth 32: 55-100k/s against 23k/s with a ThreadPoolExecutor).
+Buffered writes go to the pool: ``RWF_NOWAIT`` writes fail with ``EOPNOTSUPP`` on ext4 and
+tmpfs (kernel 6.x; tried once per fd, kept where accepted), and a blocking write inline could
+stall the event loop on dirty-page throttling. One pool thread per request measured faster
+(8.6-8.9k 1 MiB writes/s at depth 16) than one writer job per file (5.5k, even vectored):
+ext4 lets several buffered writers copy at once. The pool is our own, not
+``run_in_executor``: no concurrent.futures.Future per request, one loop wake-up per batch of
+completions (4 KiB pool reads at depth 32: 55-100k/s against 23k/s).
 """
 
 from __future__ import annotations
@@ -125,19 +122,20 @@ class _Pool:
                 value, ok = exc, False
             with self.lock:
                 self.idle += 1
-            if fut is not None:
-                done.push(fut, ok, value)
+            done.push(fut, ok, value)
 
-    def completions(self, loop: asyncio.AbstractEventLoop) -> _Completions:
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in a pool thread and return its result.
+
+        A cancelled caller waits for the call to finish (it may be using the caller's
+        buffer), then raises CancelledError: the future refuses to be cancelled, so the
+        task is cancelled once it completes.
+        """
+        loop = asyncio.get_running_loop()
         done = self.done.get(loop)
         if done is None:
             done = self.done[loop] = _Completions(loop)
-        return done
-
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
-               fut: asyncio.Future[Any] | None = None, done: _Completions | None = None,
-               ) -> None:  # fmt: skip
-        """Queue ``fn(*args)``; its outcome completes ``fut`` through ``done`` if given."""
+        fut = _PoolFuture(loop=loop)
         with self.lock:  # each call claims an idle thread, or starts one while allowed
             spawn = not self.idle and self.threads < self.max_workers
             if spawn:
@@ -147,17 +145,6 @@ class _Pool:
         if spawn:
             threading.Thread(target=self._worker, name="blockcore-posix", daemon=True).start()
         self.queue.put((fn, args, fut, done))
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in a pool thread and return its result.
-
-        Cancelling the caller waits for the call to finish (it may be using the caller's
-        buffer) and raises CancelledError then: the future refuses to be cancelled, so the
-        task is cancelled when the future completes.
-        """
-        loop = asyncio.get_running_loop()
-        fut = _PoolFuture(loop=loop)
-        self.submit(fn, args, fut, self.completions(loop))
         return await fut
 
 
@@ -269,15 +256,8 @@ class PosixEngine:
     through a bounce buffer (offsets and lengths must be aligned by the caller).
     """
 
-    __slots__ = (
-        "_flush_error",
-        "direct",
-        "fd",
-        "filename",
-        "inline",
-        "nowait_read",
-        "nowait_write",
-    )  # fmt: skip
+    __slots__ = ("_flush_error", "direct", "fd", "filename", "inline", "nowait_read",
+                 "nowait_write")  # fmt: skip
 
     def __init__(self, fd: int, filename: str, *, direct: bool = False) -> None:
         self.fd = fd
