@@ -15,8 +15,9 @@ import pytest
 from blkdebug_helpers import BASE, Env, requires_qemu, run_batch, wait_done
 from blockcore_blkdebug import driver as bd
 
+from blockcore import BdrvRequestFlags as F
 from blockcore import BlockBackend, OpenFlags
-from blockcore.errors import BlockError
+from blockcore.errors import BlockError, NotSupportedError
 
 pytest.importorskip("blockcore_raw", reason="needs blockcore-raw for the file protocol")
 
@@ -200,3 +201,18 @@ def test_image_names_open_a_protocol_node(tmp_path: Path, form: str) -> None:
             node = node.file.bs  # type: ignore[union-attr]
         assert node.drv.name == "file" and node.filename == img  # type: ignore[union-attr]
         assert blk.pread(0, 4) == b"\x33" * 4
+
+
+def test_injected_enotsup_with_no_fallback(tmp_path: Path) -> None:
+    """Over a file (which honours NO_FALLBACK) the injected ENOTSUP reaches the caller."""
+    img = make_image(tmp_path / "nf.raw", pattern=0x44)
+    rule = {"event": "none", "errno": "ENOTSUP", "iotype": "write-zeroes"}
+    with BlockBackend.open(None, {"driver": "blkdebug", "inject-error": [rule],
+                                  "image": {"driver": "file", "filename": img}},
+                           OpenFlags.RDWR) as blk:  # fmt: skip
+        assert blk.bs.supported_zero_flags & F.NO_FALLBACK
+        with pytest.raises(NotSupportedError, match="injected E[A-Z]*NOTSUPP? into bdrv_co_pw"):
+            blk.pwrite_zeroes(0, 8192, F.NO_FALLBACK)
+        assert blk.pread(0, 8192) == b"\x44" * 8192
+        blk.pwrite_zeroes(0, 8192)  # with the fallback allowed: zero buffers
+        assert blk.pread(0, 8192) == bytes(8192)
