@@ -53,7 +53,7 @@ def make_loop(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., L
         for dev in made:
             subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
 
-    request.addfinalizer(detach)
+    request.addfinalizer(detach)  # noqa: PT021 (runs even if the test body fails)
 
     def make(size: int = 64 * MiB, sector_size: int = 512, read_only: bool = False,
              data: bytes | None = None) -> Loop:  # fmt: skip

@@ -252,8 +252,9 @@ def test_locks_are_seen_by_qemu(loop) -> None:
 
 @pytest.mark.skipif(requires_qemu() is not None, reason=str(requires_qemu()))
 def test_qemu_locks_are_seen_by_blockcore(loop) -> None:
-    qemu = subprocess.Popen(["qemu-io", "-f", "raw", loop.dev], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    qemu = subprocess.Popen(["qemu-io", "-f", "raw", loop.dev], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
     try:
         assert qemu.stdin is not None and qemu.stdout is not None
         qemu.stdin.write("read 0 512\n")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from blockcore import BlockBackend, OpenFlags
 from blockcore.testing import requires_qemu
 
