@@ -364,6 +364,10 @@ class PosixEngine:
         """Allocate a range (mode 0), growing the file past its end. Tier: I/O."""
         await self.fallocate(0, offset, length)
 
+    async def truncate(self, length: int) -> None:
+        """``ftruncate`` in the pool (freeing many blocks takes a while). Tier: I/O."""
+        await _get_pool().run(os.ftruncate, self.fd, length)
+
     async def copy_range(self, dst: PosixEngine, src_offset: int, dst_offset: int,
                          length: int) -> None:  # fmt: skip
         """Copy to ``dst`` with ``copy_file_range`` in the pool. Tier: I/O.

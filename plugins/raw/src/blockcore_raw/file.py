@@ -362,7 +362,7 @@ async def _regular_truncate(st: FileState, offset: int, prealloc: PreallocMode) 
     eng = st.engine
     current = eng.getlength()
     if prealloc is PreallocMode.OFF or offset <= current:
-        os.ftruncate(st.fd, offset)  # the core refuses preallocation when shrinking
+        await eng.truncate(offset)  # the core refuses preallocation when shrinking
     elif prealloc is PreallocMode.FALLOC:
         try:
             await eng.allocate(current, offset - current)
@@ -370,7 +370,7 @@ async def _regular_truncate(st: FileState, offset: int, prealloc: PreallocMode) 
             raise NotSupportedError("preallocation mode 'falloc' not supported by the "
                                     "filesystem", st.filename) from None  # fmt: skip
     else:  # full: write zeros, then make them durable
-        os.ftruncate(st.fd, offset)
+        await eng.truncate(offset)
         zeros = memoryview(bytes(min(_FULL_CHUNK, offset - current)))
         pos = current
         try:
@@ -380,7 +380,7 @@ async def _regular_truncate(st: FileState, offset: int, prealloc: PreallocMode) 
                 pos += n
             await eng.flush()
         except BaseException:
-            os.ftruncate(st.fd, current)  # no half-preallocated file on failure
+            await eng.truncate(current)  # no half-preallocated file on failure
             raise
 
 
@@ -457,7 +457,7 @@ async def bdrv_co_create_opts(filename: str, options: dict[str, Any]) -> None:
         if nocow:
             _set_nocow(fd)
         st = FileState(fd, filename, posix.PosixEngine(fd, filename), lock)
-        os.ftruncate(fd, 0)  # clear the file, then grow it as asked
+        await st.engine.truncate(0)  # clear the file, then grow it as asked
         await _regular_truncate(st, size, prealloc)
     finally:
         os.close(fd)
