@@ -600,3 +600,24 @@ async def bdrv_co_can_store_new_dirty_bitmap(
     Tier: I/O. Raise with the reason to refuse. Optional: else "Can't store persistent
     bitmaps to <node>".
     """
+
+
+# -------------------------------------------------------------------------------------------
+# Additions of 0.2: persistent dirty bitmaps, internal snapshots
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+async def bdrv_co_remove_persistent_dirty_bitmap(bs: BlockDriverState, name: str) -> None:
+    """Delete the stored copy of persistent dirty bitmap ``name`` from the image.
+
+    Tier: I/O. The in-memory bitmap is released by the caller afterwards
+    (:func:`blockcore.dirty_bitmap.bdrv_remove_persistent_dirty_bitmap`). A name the image
+    does not store is not an error (the bitmap may have been created since open and never
+    written).
+
+    Optional. If not implemented, removing a persistent bitmap fails with "Can't remove
+    persistent bitmaps from <node>".
+
+    .. versionadded:: 0.2
+    """
