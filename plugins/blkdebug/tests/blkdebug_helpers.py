@@ -83,13 +83,15 @@ def wait_done(*acbs: BlockAIOCB, timeout: float = 5.0) -> None:
 
 
 def run_batch(blk: BlockBackend, rng: random.Random, rounds: int,
-              aligned_discards: bool = False) -> dict[str, int]:  # fmt: skip
+              aligned_discards: bool = False, truncate: bool = True) -> dict[str, int]:  # fmt: skip
     size = blk.getlength()
     model = bytearray(blk.pread(0, size))
     done: dict[str, int] = {}
     for i in range(rounds):
         op = rng.choice(("read", "write", "write", "write-fua", "zero", "zero-unmap",
                          "discard", "flush", "truncate", "read-tail"))  # fmt: skip
+        if op == "truncate" and not truncate:
+            op = "read"
         offset = rng.randrange(0, size - 1)
         length = rng.randrange(1, min(size - offset, 150_000) + 1)
         if rng.random() < 0.3:  # sometimes aligned, to take the fast paths too

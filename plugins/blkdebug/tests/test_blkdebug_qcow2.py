@@ -186,3 +186,19 @@ def test_cor_write_event_from_copy_on_read(tmp_path: Path) -> None:
     check(img)
     out = json.loads(qemu_img("map", "--output=json", img).stdout)
     assert any(m["start"] == 0 and m["depth"] == 0 and m["data"] for m in out), out
+
+
+def test_qcow2_over_blkdebug_limits_batch(tmp_path: Path) -> None:
+    """qcow2's data and metadata I/O through blkdebug with align=4096 and max-transfer=64K:
+    no check fires, data matches the model, and qemu-img check is clean."""
+    import random
+
+    from blkdebug_helpers import BASE, run_batch
+
+    img = create(tmp_path / "batch.qcow2", "2M", "cluster_size=4096")
+    with BlockBackend.open(None, {"driver": "qcow2", "discard": "unmap", "file": {
+            "driver": "blkdebug", **BASE, "image": {"driver": "file", "filename": img}}},
+            OpenFlags.RDWR) as blk:  # fmt: skip
+        run_batch(blk, random.Random(5), 300, truncate=False)
+    result = check(img)
+    assert result.get("leaks", 0) == 0
