@@ -5,12 +5,12 @@ from __future__ import annotations
 import errno
 import math
 import os
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 
-from blockcore import graph, hookimpl, io
+from blockcore import backend, graph, hookimpl, io, special
+from blockcore.aio import run_co
 from blockcore.errors import BlockError, NotSupportedError
 from blockcore.types import (
     BdrvCheckMode,
@@ -35,119 +35,88 @@ from .format import QCOW_MAGIC, Autoclear, Compat, Incompat, empty_image, preall
 from .image import Qcow2Image, read_header
 from .refcount import check_image
 
-T = TypeVar("T")
 F = BdrvRequestFlags
 S = BlockStatusFlags
 
 
 class ChildFile:
-    """:class:`.cache.ImageFile` over a child edge, through :mod:`blockcore.io`.
-
-    In ``sync`` mode (GS code: open, close) it uses io's sync wrappers, so an engine
-    coroutine runs to completion without an event loop (see :func:`_run_sync`).
-    """
+    """:class:`.cache.ImageFile` over a child edge, through :mod:`blockcore.io`."""
 
     def __init__(self, child: Any, name: str) -> None:
         self.child = child
         self.name = name
-        self.sync = False
 
     async def pread(self, offset: int, buf: memoryview) -> None:
-        if self.sync:
-            io.bdrv_pread(self.child, offset, len(buf), buf)
-        else:
-            await io.bdrv_co_preadv(self.child, offset, len(buf), buf)
+        await io.bdrv_co_preadv(self.child, offset, len(buf), buf)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        if self.sync:
-            io.bdrv_pwrite(self.child, offset, len(view), view)
-        else:
-            await io.bdrv_co_pwritev(self.child, offset, len(view), view)
+        await io.bdrv_co_pwritev(self.child, offset, view.nbytes, view)
 
     async def pwrite_zeroes(self, offset: int, length: int) -> None:
-        if self.sync:
-            io.bdrv_pwrite_zeroes(self.child, offset, length, F.NONE)
-        else:
-            await io.bdrv_co_pwrite_zeroes(self.child, offset, length, F.NONE)
+        await io.bdrv_co_pwrite_zeroes(self.child, offset, length, F.NONE)
 
     async def discard(self, offset: int, length: int) -> None:
-        if self.sync:
-            io.bdrv_pdiscard(self.child, offset, length)
-        else:
-            await io.bdrv_co_pdiscard(self.child, offset, length)
+        await io.bdrv_co_pdiscard(self.child, offset, length)
 
     async def flush(self) -> None:
-        if self.sync:
-            io.bdrv_flush(self.child.bs)
-        else:
-            await io.bdrv_co_flush(self.child.bs)
+        await io.bdrv_co_flush(self.child.bs)
 
     async def getlength(self) -> int:
-        if self.sync:
-            return int(io.bdrv_getlength(self.child.bs))
         return await io.bdrv_co_getlength(self.child.bs)
 
     async def truncate(self, length: int) -> None:
-        if self.sync:
-            io.bdrv_truncate(self.child, length, False, PreallocMode.OFF, F.NONE)
-        else:
-            await io.bdrv_co_truncate(self.child, length, False, PreallocMode.OFF, F.NONE)
+        await io.bdrv_co_truncate(self.child, length, False, PreallocMode.OFF, F.NONE)
 
     async def event(self, name: str) -> None:
-        if self.sync:
-            io.bdrv_debug_event(self.child.bs, name)
-        else:
-            await io.bdrv_co_debug_event(self.child.bs, name)
+        await io.bdrv_co_debug_event(self.child.bs, name)
 
 
-class PosixFile:
-    """Plain file used only by create (the core has no coroutine-side create+open yet)."""
+class BackendFile:
+    """:class:`.cache.ImageFile` over a BlockBackend, for writing a new image in create.
 
-    def __init__(self, path: str) -> None:
-        self.name = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    The backend refuses writes past the end (QEMU's qcow2_co_create sets
+    ``allow_write_beyond_eof`` instead), so a write that extends the file grows it first.
+    """
+
+    def __init__(self, blk: Any, name: str) -> None:
+        self.blk = blk
+        self.name = name
+
+    async def _grow(self, end: int) -> None:
+        if end > self.blk.getlength():
+            await self.blk.co_truncate(end, False)
 
     async def pread(self, offset: int, buf: memoryview) -> None:
-        n = os.preadv(self.fd, [buf], offset)
+        n = max(0, min(len(buf), self.blk.getlength() - offset))
+        if n:
+            await self.blk.co_preadv(offset, n, buf[:n])
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        os.pwrite(self.fd, data, offset)
+        view = memoryview(data)
+        await self._grow(offset + view.nbytes)
+        await self.blk.co_pwritev(offset, view.nbytes, view)
 
     async def pwrite_zeroes(self, offset: int, length: int) -> None:
-        for pos in range(offset, offset + length, 1 << 20):
-            os.pwrite(self.fd, bytes(min(1 << 20, offset + length - pos)), pos)
+        await self._grow(offset + length)
+        await self.blk.co_pwrite_zeroes(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
-        pass
+        await self.blk.co_pdiscard(offset, length)
 
     async def flush(self) -> None:
-        pass
+        await self.blk.co_flush()
 
     async def getlength(self) -> int:
-        return os.fstat(self.fd).st_size
+        return int(self.blk.getlength())
 
     async def truncate(self, length: int) -> None:
-        os.ftruncate(self.fd, length)
+        await self.blk.co_truncate(length, False)
 
     async def event(self, name: str) -> None:
         pass
-
-    def close(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-
-
-def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run an engine coroutine whose I/O is all synchronous (ChildFile in sync mode)."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    coro.close()
-    raise BlockError(errno.EDEADLK, "qcow2 metadata operation suspended in GS code")
 
 
 @attrs.define(eq=False)
@@ -220,8 +189,7 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     graph.bdrv_open_child(bs, options, "file", ChildRole.IMAGE)
     name = bs.file.bs.filename or bs.node_name
     file = ChildFile(bs.file, name)
-    file.sync = True
-    header = _run_sync(read_header(file))
+    header = run_co(bs, read_header(file))
     rw = bool(flags & OpenFlags.RDWR)
     if header.incompatible_features & Incompat.CORRUPT and rw:
         raise BlockError(errno.EACCES, "image is corrupt; cannot be opened read/write", name)
@@ -237,7 +205,6 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         graph.bdrv_open_child(bs, options, "data-file", ChildRole.DATA)
         data_child = next(c for c in bs.children if c.name == "data-file")
         data = ChildFile(data_child, data_child.bs.filename or name)
-        data.sync = True
     elif "data-file" in options:
         raise BlockError(errno.EINVAL, "'data-file' can only be set for images with an "
                          "external data file", name)  # fmt: skip
@@ -247,7 +214,7 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         l2_bytes = parse_size(opt["cache-size"]) * 3 // 4
     rc_bytes = parse_size(opt.get("refcount-cache-size", max(4 * cs, l2_bytes // 4)))
     lazy = opt.get("lazy-refcounts")
-    image = _run_sync(Qcow2Image.open(
+    image = run_co(bs, Qcow2Image.open(
         file, data_file=data, read_only=not rw, header=header,
         l2_cache_tables=max(2, l2_bytes // cs), refcount_cache_tables=max(2, rc_bytes // cs),
         lazy_refcounts=parse_bool(lazy, "lazy-refcounts") if lazy is not None else None,
@@ -258,19 +225,11 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     if image.lazy_refcounts and header.version < 3:
         raise BlockError(errno.EINVAL, "lazy refcounts need a v3 image (compat=1.1)", name)
     if rw and image.dirty and not flags & OpenFlags.CHECK:
-        # Lazy refcounts left stale refcounts behind: rebuild them (qcow2_co_open).
-        result = BdrvCheckResult()
-        _run_sync(check_image(image, result, BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS))
-        _run_sync(image.refcounts.flush())
-        _run_sync(image.set_incompat(Incompat.DIRTY, False))
-        image.dirty = False
+        run_co(bs, _repair_dirty(image))
     if rw and header.autoclear_features & ~(Autoclear.DATA_FILE_RAW):
         # Autoclear bits we do not maintain (bitmaps) must be cleared before writing.
         keep = header.autoclear_features & Autoclear.DATA_FILE_RAW
-        _run_sync(image.write_header(attrs.evolve(image.header, autoclear_features=keep)))
-    file.sync = False
-    if data is not None:
-        data.sync = False
+        run_co(bs, image.write_header(attrs.evolve(image.header, autoclear_features=keep)))
     bs.backing_file = header.backing_file or ""
     bs.backing_format = header.backing_format or ""
     bs.opaque = Qcow2State(image, file, data)
@@ -284,16 +243,22 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     image.backing = read_backing
 
 
+async def _repair_dirty(image: Qcow2Image) -> None:
+    """Lazy refcounts left stale refcounts behind: rebuild them (as qcow2_co_open)."""
+    result = BdrvCheckResult()
+    await check_image(image, result, BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS)
+    await image.refcounts.flush()
+    await image.set_incompat(Incompat.DIRTY, False)
+    image.dirty = False
+
+
 @hookimpl
 def bdrv_close(bs: Any) -> None:
     st: Qcow2State | None = bs.opaque
     if st is None:
         return
-    st.file.sync = True
-    if st.data is not None:
-        st.data.sync = True
     try:
-        _run_sync(st.image.close())
+        run_co(bs, st.image.close())
     finally:
         bs.opaque = None
 
@@ -502,20 +467,32 @@ async def bdrv_co_invalidate_cache(bs: Any) -> None:
 
 @hookimpl
 async def bdrv_co_create_opts(filename: str, options: dict[str, Any]) -> None:
+    # As qcow2_co_create_opts: create the protocol file empty, open it through the graph
+    # (any protocol: file, host_device...), write the layout, then grow the new image.
     o = _create_options(filename, options)
-    f = PosixFile(filename)
+    await special.bdrv_co_create_file(filename, {"size": 0})
+    flags = OpenFlags.RDWR | OpenFlags.RESIZE | OpenFlags.PROTOCOL
+    blk = await backend.blk_co_new_open(filename, {}, flags)
+    data_blk = None
     try:
+        f = BackendFile(blk, filename)
+        data = None
+        if o["layout"]["data_file"]:
+            df = o["layout"]["data_file"]
+            path = df if os.path.isabs(df) else os.path.join(os.path.dirname(filename), df)
+            prealloc = o["prealloc"] if o["prealloc"] in ("falloc", "full") else "off"
+            await special.bdrv_co_create_file(path, {"size": o["size"], "preallocation": prealloc})
+            data_blk = await backend.blk_co_new_open(path, {}, flags)
+            data = BackendFile(data_blk, path)
         await f.pwrite(0, empty_image(**o["layout"]))
-        img = await Qcow2Image.open(f, read_only=False)
+        img = await Qcow2Image.open(f, data_file=data, read_only=False)
         await img.truncate(o["size"], o["prealloc"])
         await img.close()
+        await blk.co_flush()
     finally:
-        f.close()
-    if o["layout"]["data_file"]:
-        df = o["layout"]["data_file"]
-        path = df if os.path.isabs(df) else os.path.join(os.path.dirname(filename), df)
-        with open(path, "ab") as fh:
-            fh.truncate(o["size"])
+        if data_blk is not None:
+            await backend.blk_co_unref(data_blk)
+        await backend.blk_co_unref(blk)
 
 
 def _create_options(filename: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -578,6 +555,8 @@ def _create_options(filename: str, options: dict[str, Any]) -> dict[str, Any]:
     if prealloc != "off" and backing:
         raise bad("backing file and preallocation can only be used at the same time if "
                   "extended_l2 is on") if not ext else bad("preallocation with backing unsupported")
+    if data_raw and prealloc == "off":
+        prealloc = "metadata"  # a raw data file is mapped 1:1 from the start (as QEMU)
     return {"layout": layout, "size": size, "prealloc": prealloc}
 
 
@@ -590,10 +569,6 @@ def bdrv_change_backing_file(bs: Any, backing_file: str, backing_fmt: str) -> No
                                 bs.node_name)  # fmt: skip
     h = attrs.evolve(img.header, backing_file=backing_file or None)
     h = h.with_standard_extensions(backing_fmt or None, h.data_file)
-    st.file.sync = True
-    try:
-        _run_sync(img.write_header(h))
-    finally:
-        st.file.sync = False
+    run_co(bs, img.write_header(h))
     bs.backing_file = backing_file
     bs.backing_format = backing_fmt

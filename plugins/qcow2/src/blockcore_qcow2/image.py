@@ -745,7 +745,15 @@ class Qcow2Image:
             todo = [i for i in range(first, first + n) if not self._entry(l2, i)[0]
                     & L2E_OFFSET_MASK and cluster_type(self._entry(l2, i)[0], geo)
                     is not CT.COMPRESSED]  # fmt: skip
-            if todo and not self.has_data_file:
+            if todo and self.has_data_file:
+                # host offset == guest offset; offset 0 is valid with COPIED set
+                for i in todo:
+                    entry, bitmap = self._entry(l2, i)
+                    guest = pos + (i - first) * cs
+                    self._set_entry(l2, i, guest | OFLAG_COPIED,
+                                    bitmap if geo.extended_l2 else 0)  # fmt: skip
+                self.l2_cache.mark_dirty(l2off)
+            elif todo:
                 new = await self.refcounts.alloc_clusters(len(todo))
                 await self._link_dependency()
                 for k, i in enumerate(todo):
