@@ -1,5 +1,7 @@
 """qcow2 image format driver for blockcore (entry point ``qcow2`` in ``blockcore.drivers``).
 
 Modules: ``format`` (on-disk layouts), ``cluster`` (offset helpers, L2 decoding), ``cache``
-(metadata table cache), ``refcount`` (refcounts, allocation, check), ``driver`` (the hooks).
+(metadata table cache), ``refcount`` (refcounts, allocation, check), ``image`` (mapping,
+reads, allocating writes), ``clusterops`` (zero writes, discard, resize), ``compress``
+(compressed clusters), ``driver`` (the hooks).
 """

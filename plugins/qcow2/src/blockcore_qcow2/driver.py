@@ -30,6 +30,7 @@ from blockcore.types import (
 )
 from blockcore.util import parse_bool, parse_size
 
+from . import compress
 from .cluster import SubclusterType as ST
 from .format import QCOW_MAGIC, Autoclear, Compat, Incompat, empty_image, prealloc_size
 from .image import Qcow2Image, read_header
@@ -354,40 +355,7 @@ async def bdrv_co_pwritev(bs: Any, offset: int, length: int, buf: memoryview,
 @hookimpl
 async def bdrv_co_pwritev_compressed(bs: Any, offset: int, length: int,
                                      buf: memoryview) -> None:  # fmt: skip
-    import asyncio
-
-    img: Qcow2Image = bs.opaque.image
-    cs = img.geo.cluster_size
-    if offset % cs:
-        raise BlockError(errno.EINVAL, f"compressed write offset {offset} not cluster aligned",
-                         bs.node_name)  # fmt: skip
-    pos = 0
-    while pos < length:
-        n = min(cs, length - pos)
-        if n < cs and offset + pos + n < img.header.size:
-            raise BlockError(errno.EINVAL, "compressed writes must be whole clusters",
-                             bs.node_name)  # fmt: skip
-        chunk = bytes(buf[pos : pos + n]) + bytes(cs - n)
-        comp = await asyncio.to_thread(_compress, chunk, img.header.compression_type)
-        if comp is None:
-            await img.write(offset + pos, memoryview(chunk)[:n])
-        else:
-            await img.write_compressed(offset + pos, comp)
-        pos += n
-
-
-def _compress(data: bytes, ctype: int) -> bytes | None:
-    """Compress one cluster; None if it does not fit in cluster_size - 1 bytes."""
-    if ctype:
-        import zstandard
-
-        out = zstandard.ZstdCompressor().compress(data)
-    else:
-        import zlib
-
-        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-        out = c.compress(data) + c.flush()
-    return out if len(out) < len(data) else None
+    await compress.write_clusters(bs.opaque.image, offset, length, buf)
 
 
 @hookimpl
@@ -526,7 +494,7 @@ def _create_options(filename: str, options: dict[str, Any]) -> dict[str, Any]:
     suffix = "only supported with compatibility level 1.1 and above (use version=v3 or greater)"
     if version == 2:
         if refbits != 16:
-            raise bad(f"different refcount widths than 16 bits require compatibility level 1.1 "
+            raise bad("different refcount widths than 16 bits require compatibility level 1.1 "
                       "or above (use version=v3 or greater)")  # fmt: skip
         for flag, what in ((lazy, "lazy refcounts are"), (ext, "extended L2 entries are"),
                            (ctype != "zlib", "non-zlib compression type is"),

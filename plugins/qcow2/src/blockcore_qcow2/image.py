@@ -1,4 +1,5 @@
-"""The qcow2 engine: guest offset mapping, reads, allocating writes, zeroing, discard.
+"""The qcow2 engine: guest offset mapping, reads, allocating writes (zero writes, discard
+and resize are in :mod:`.clusterops`, compressed clusters in :mod:`.compress`).
 
 Independent of the node graph: it talks to its storage through :class:`cache.ImageFile`
 adapters, so the driver hooks stay thin and tests can run it on an in-memory file.
@@ -9,24 +10,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
-import zlib
 from collections.abc import Awaitable, Callable
 
 import attrs
 import zstandard
 
-from blockcore.errors import BlockError, ImageCorruptError, NotSupportedError
+from blockcore.errors import BlockError, ImageCorruptError
 from blockcore.util import aligned_buffer
 
+from . import clusterops, compress
 from .cache import ImageFile, TableCache
-from .cluster import Geometry, SubclusterType, cluster_type, subcluster_run
 from .cluster import ClusterType as CT
+from .cluster import Geometry, SubclusterType, cluster_type, subcluster_run
 from .cluster import SubclusterType as ST
 from .format import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
     L2_BITMAP_ALL_ALLOC,
-    L2_BITMAP_ALL_ZERO,
     L2E_COMPRESSED_OFFSET_SIZE_MASK,
     L2E_OFFSET_MASK,
     L2E_STD_RESERVED_MASK,
@@ -34,7 +34,6 @@ from .format import (
     OFLAG_COPIED,
     OFLAG_ZERO,
     Compat,
-    CompressionType,
     Incompat,
     QCowHeader,
     decode_compressed,
@@ -274,7 +273,7 @@ class Qcow2Image:
             piece[:] = bytes(len(piece))
         elif t is ST.COMPRESSED:
             await self.file.event("read_compressed")
-            cluster = await self.read_compressed(run.host)
+            cluster = await compress.read_cluster(self, run.host)
             start = self.geo.offset_into_cluster(offset)
             piece[:] = cluster[start : start + len(piece)]
         elif self.backing is not None:
@@ -282,39 +281,6 @@ class Qcow2Image:
             await self.backing(offset, piece)
         else:
             piece[:] = bytes(len(piece))
-
-    async def read_compressed(self, entry: int) -> bytes:
-        cs = self.geo.cluster_size
-        coff, csize = decode_compressed(entry & L2E_COMPRESSED_OFFSET_SIZE_MASK,
-                                        self.geo.cluster_bits)  # fmt: skip
-        flen = await self.file.getlength()
-        csize = min(csize, max(0, flen - coff))
-        if csize <= 0:
-            raise await self.mark_corrupt(f"compressed cluster at {coff:#x} beyond end of file")
-        raw = bytearray(csize)
-        await self.file.pread(coff, memoryview(raw))
-        try:
-            if self.header.compression_type == CompressionType.ZSTD:
-                if self._zstd_d is None:
-                    self._zstd_d = zstandard.ZstdDecompressor()
-                out = bytearray()
-                obj = self._zstd_d.decompressobj()
-                data = bytes(raw)
-                while len(out) < cs and data:
-                    out += obj.decompress(data)
-                    data = obj.unused_data
-                    if len(out) < cs and data:
-                        obj = self._zstd_d.decompressobj()
-            else:
-                d = zlib.decompressobj(-12)
-                out = bytearray(d.decompress(bytes(raw), cs))
-        except (zlib.error, zstandard.ZstdError) as exc:
-            raise BlockError(errno.EIO, f"compressed cluster at {coff:#x} is damaged: {exc}",
-                             self.file.name) from None  # fmt: skip
-        if len(out) < cs:
-            raise BlockError(errno.EIO, f"compressed cluster at {coff:#x} decompressed to "
-                             f"{len(out)} of {cs} bytes", self.file.name)  # fmt: skip
-        return bytes(out[:cs])
 
     # ================================================================== write helpers
 
@@ -526,121 +492,16 @@ class Qcow2Image:
         for entry, bitmap in old:
             await self._free_entry(entry, bitmap)
 
-    # ================================================================== zero / discard
+    # ================================================================== zero / discard / resize
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        """Make whole (sub)clusters read as zero in metadata (qcow2_co_pwrite_zeroes).
-
-        Partial clusters that already read as zero succeed; other partial ones and v2
-        images with a backing file raise NotSupportedError so the core writes zeros.
-        """
-        geo = self.geo
-        unit = geo.subcluster_size
-        async with self.lock:
-            await self.ensure_writable()
-            if offset % unit or length % unit:
-                if await self._reads_as_zero(offset, length):
-                    return
-                raise NotSupportedError("zero write not aligned to (sub)clusters",
-                                        self.file.name)  # fmt: skip
-            if self.header.version < 3 and self.backing is not None:
-                raise NotSupportedError("v2 image with backing file: no zero clusters",
-                                        self.file.name)  # fmt: skip
-            await self.file.event("pwritev_zero")
-            await self._zero_or_discard(offset, length, unmap=unmap, discard=False)
-
-    async def _reads_as_zero(self, offset: int, length: int) -> bool:
-        pos, end = offset, offset + length
-        while pos < end:
-            run = await self.lookup(pos, end - pos)
-            if run.type in (ST.ZERO_PLAIN, ST.ZERO_ALLOC):
-                pass
-            elif run.type in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC) and self.backing is None:
-                pass
-            else:
-                return False
-            pos += run.length
-        return True
+        await clusterops.write_zeroes(self, offset, length, unmap)
 
     async def discard(self, offset: int, length: int) -> None:
-        """Free whole clusters; v3 (or a backing file) leaves them reading as zero."""
-        geo = self.geo
-        cs = geo.cluster_size
-        a = -(-offset // cs) * cs
-        b = (offset + length) // cs * cs
-        if offset + length >= self.header.size:
-            b = -(-self.header.size // cs) * cs  # the last partial cluster counts as whole
-        if a >= b:
-            return
-        async with self.lock:
-            await self.ensure_writable()
-            await self._zero_or_discard(a, b - a, unmap=True, discard=True)
+        await clusterops.discard(self, offset, length)
 
-    async def _zero_or_discard(self, offset: int, length: int, *, unmap: bool,
-                               discard: bool) -> None:  # fmt: skip
-        geo = self.geo
-        cs = geo.cluster_size
-        ss = geo.subcluster_size
-        v3 = self.header.version >= 3
-        pos, end = offset, offset + length
-        while pos < end:
-            l1i = geo.offset_to_l1_index(pos)
-            if discard and (l1i >= len(self.l1) or not self.l1[l1i] & L1E_OFFSET_MASK):
-                if not v3 or self.backing is None:
-                    pos = min(end, (l1i + 1) * geo.l1_entry_span())
-                    continue
-            l2off, l2 = await self._l2_for_write(l1i)
-            stop = min(end, (l1i + 1) * geo.l1_entry_span())
-            while pos < stop:
-                idx = geo.offset_to_l2_index(pos)
-                entry, bitmap = self._entry(l2, idx)
-                cstart = geo.start_of_cluster(pos)
-                cend = min(stop, cstart + cs)
-                full = pos == cstart and cend == cstart + cs
-                ctype = cluster_type(entry, geo)
-                if geo.extended_l2 and not full:
-                    # Subcluster-granular zeroing inside one cluster.
-                    first = geo.offset_to_sc_index(pos)
-                    count = (cend - pos) // ss
-                    mask = ((1 << count) - 1) << first
-                    if ctype is CT.COMPRESSED:
-                        raise NotSupportedError("partial zero write on a compressed cluster",
-                                                self.file.name)  # fmt: skip
-                    new_bitmap = (bitmap & ~mask) | (mask << 32)
-                    self._set_entry(l2, idx, entry, new_bitmap)
-                    self.l2_cache.mark_dirty(l2off)
-                    pos = cend
-                    continue
-                keep = ctype is CT.NORMAL and not unmap and not self.has_data_file
-                keep = keep or ctype is CT.ZERO_ALLOC and not unmap
-                keep = keep or (self.has_data_file and ctype is CT.NORMAL)
-                if discard and not (v3 and (self.backing is not None or ctype is not CT.UNALLOCATED)):
-                    new_entry, new_bitmap = 0, 0  # v2, or nothing to hide: unallocated
-                elif geo.extended_l2:
-                    new_entry = entry & (L2E_OFFSET_MASK | OFLAG_COPIED) if keep else 0
-                    new_bitmap = L2_BITMAP_ALL_ZERO
-                elif not v3:
-                    new_entry, new_bitmap = 0, 0
-                else:
-                    new_entry = (entry & (L2E_OFFSET_MASK | OFLAG_COPIED) if keep else 0) | OFLAG_ZERO
-                    new_bitmap = 0
-                if (new_entry, new_bitmap) != (entry, bitmap):
-                    self._set_entry(l2, idx, new_entry, new_bitmap)
-                    self.l2_cache.mark_dirty(l2off)
-                    if not keep:
-                        if discard and self.discard_request and ctype is CT.NORMAL \
-                                and not self.has_data_file:  # fmt: skip
-                            host = entry & L2E_OFFSET_MASK
-                            await self._free_entry(entry, bitmap)
-                            if await self.refcounts.get(host >> geo.cluster_bits) == 0:
-                                await self.flush_metadata()
-                                try:
-                                    await self.file.discard(host, cs)
-                                except OSError:
-                                    pass
-                        else:
-                            await self._free_entry(entry, bitmap)
-                pos = cend
+    async def truncate(self, size: int, prealloc: str = "off") -> None:
+        await clusterops.truncate(self, size, prealloc)
 
     # ================================================================== status / L1
 
@@ -679,121 +540,11 @@ class Qcow2Image:
             await self.refcounts.update(old_off, old_size * 8, -1)
 
 
-    # ================================================================== resize / compress
-
-    async def truncate(self, size: int, prealloc: str = "off") -> None:
-        """Grow (with optional preallocation) or shrink the virtual disk."""
-        async with self.lock:
-            await self.ensure_writable()
-            geo = self.geo
-            old = self.header.size
-            if size < old:
-                if self.header.nb_snapshots:
-                    raise NotSupportedError("cannot shrink an image with snapshots",
-                                            self.file.name)  # fmt: skip
-                cs = geo.cluster_size
-                start = -(-size // cs) * cs
-                await self._shrink_unmap(start, -(-old // cs) * cs)
-            else:
-                await self.grow_l1(geo.size_to_l1(size))
-            await self.flush_metadata()
-            await self.file.flush()
-            await self.write_header(attrs.evolve(self.header, size=size))
-            if size > old and prealloc != "off":
-                await self._preallocate(old, size, prealloc)
-
-    async def _shrink_unmap(self, start: int, end: int) -> None:
-        geo = self.geo
-        pos = start
-        while pos < end:
-            l1i = geo.offset_to_l1_index(pos)
-            stop = min(end, (l1i + 1) * geo.l1_entry_span())
-            if l1i < len(self.l1) and self.l1[l1i] & L1E_OFFSET_MASK:
-                l2off, l2 = await self._l2_for_write(l1i)
-                for idx in range(geo.offset_to_l2_index(pos),
-                                 geo.offset_to_l2_index(stop - 1) + 1):  # fmt: skip
-                    entry, bitmap = self._entry(l2, idx)
-                    if entry or bitmap:
-                        self._set_entry(l2, idx, 0, 0)
-                        self.l2_cache.mark_dirty(l2off)
-                        await self._free_entry(entry, bitmap)
-                if pos == l1i * geo.l1_entry_span():
-                    # The whole L2 table is out of range now: drop it (l1_shrink_*).
-                    await self.flush_metadata()
-                    self.l1[l1i] = 0
-                    await self.file.event("l1_shrink_write_table")
-                    await self._write_l1_entry(l1i)
-                    await self.file.flush()
-                    await self.file.event("l1_shrink_free_l2_clusters")
-                    self.l2_cache.discard(l2off)
-                    await self.refcounts.update(l2off, geo.cluster_size, -1)
-            pos = stop
-
-    async def _preallocate(self, start: int, end: int, mode: str) -> None:
-        """Map every cluster of ``[start, end)`` (metadata), reserving host space for
-        falloc and writing zeros for full (qcow2's preallocate_co)."""
-        geo = self.geo
-        cs = geo.cluster_size
-        pos = geo.start_of_cluster(start)
-        host_end = 0
-        while pos < end:
-            l1i = geo.offset_to_l1_index(pos)
-            stop = min(-(-end // cs) * cs, (l1i + 1) * geo.l1_entry_span())
-            l2off, l2 = await self._l2_for_write(l1i)
-            first = geo.offset_to_l2_index(pos)
-            n = (stop - pos) // cs
-            todo = [i for i in range(first, first + n) if not self._entry(l2, i)[0]
-                    & L2E_OFFSET_MASK and cluster_type(self._entry(l2, i)[0], geo)
-                    is not CT.COMPRESSED]  # fmt: skip
-            if todo and self.has_data_file:
-                # host offset == guest offset; offset 0 is valid with COPIED set
-                for i in todo:
-                    entry, bitmap = self._entry(l2, i)
-                    guest = pos + (i - first) * cs
-                    self._set_entry(l2, i, guest | OFLAG_COPIED,
-                                    bitmap if geo.extended_l2 else 0)  # fmt: skip
-                self.l2_cache.mark_dirty(l2off)
-            elif todo:
-                new = await self.refcounts.alloc_clusters(len(todo))
-                await self._link_dependency()
-                for k, i in enumerate(todo):
-                    entry, bitmap = self._entry(l2, i)
-                    host = new + k * cs
-                    zero = entry & OFLAG_ZERO if not geo.extended_l2 else 0
-                    self._set_entry(l2, i, host | OFLAG_COPIED | zero,
-                                    bitmap if geo.extended_l2 else 0)  # fmt: skip
-                self.l2_cache.mark_dirty(l2off)
-                host_end = max(host_end, new + len(todo) * cs)
-                if mode == "full":
-                    await self.file.pwrite_zeroes(new, len(todo) * cs)
-            pos = stop
-        await self.flush_metadata()
-        if host_end and await self.file.getlength() < host_end:
-            await self.file.truncate(host_end)
+    # ================================================================== compressed
 
     async def write_compressed(self, offset: int, data: bytes) -> None:
-        """Store one compressed cluster at cluster-aligned ``offset`` (``data`` is the
-        compressed stream; the caller fell back to a normal write when it did not fit)."""
-        geo = self.geo
-        async with self.lock:
-            await self.ensure_writable()
-            if self.has_data_file:
-                raise NotSupportedError("compressed writes are not supported with a data file",
-                                        self.file.name)  # fmt: skip
-            l1i = geo.offset_to_l1_index(offset)
-            l2off, l2 = await self._l2_for_write(l1i)
-            idx = geo.offset_to_l2_index(offset)
-            old, old_bitmap = self._entry(l2, idx)
-            host = await self.refcounts.alloc_bytes(len(data))
-            await self.file.event("write_compressed")
-            await self.file.pwrite(host, data)
-            await self._link_dependency()
-            await self.file.event("l2_update_compressed")
-            from .format import encode_compressed
-
-            self._set_entry(l2, idx, encode_compressed(host, len(data), geo.cluster_bits), 0)
-            self.l2_cache.mark_dirty(l2off)
-            await self._free_entry(old, old_bitmap)
+        """Store an already compressed cluster at cluster-aligned ``offset``."""
+        await compress.store(self, offset, data)
 
 
 async def read_header(file: ImageFile) -> QCowHeader:

@@ -1,0 +1,233 @@
+"""Mapping changes without guest data: zero writes, discard, resize and preallocation.
+
+Mirrors QEMU's qcow2_cluster_zeroize/qcow2_cluster_discard (qcow2-cluster.c) and
+qcow2_co_truncate/preallocate_co (qcow2.c). Each entry point takes the image lock itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from blockcore.errors import NotSupportedError
+
+from .cluster import ClusterType as CT
+from .cluster import SubclusterType as ST
+from .cluster import cluster_type
+from .format import L1E_OFFSET_MASK, L2_BITMAP_ALL_ZERO, L2E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO
+
+if TYPE_CHECKING:
+    from .image import Qcow2Image
+
+
+async def write_zeroes(img: Qcow2Image, offset: int, length: int, unmap: bool) -> None:
+    """Make whole (sub)clusters read as zero in metadata (qcow2_co_pwrite_zeroes).
+
+    Partial clusters that already read as zero succeed; other partial ones and v2
+    images with a backing file raise NotSupportedError so the core writes zeros.
+    """
+    geo = img.geo
+    unit = geo.subcluster_size
+    async with img.lock:
+        await img.ensure_writable()
+        if offset % unit or length % unit:
+            if await reads_as_zero(img, offset, length):
+                return
+            raise NotSupportedError("zero write not aligned to (sub)clusters",
+                                    img.file.name)  # fmt: skip
+        if img.header.version < 3 and img.backing is not None:
+            raise NotSupportedError("v2 image with backing file: no zero clusters",
+                                    img.file.name)  # fmt: skip
+        await img.file.event("pwritev_zero")
+        await zero_or_discard(img, offset, length, unmap=unmap, discard=False)
+
+
+async def reads_as_zero(img: Qcow2Image, offset: int, length: int) -> bool:
+    pos, end = offset, offset + length
+    while pos < end:
+        run = await img.lookup(pos, end - pos)
+        if run.type in (ST.ZERO_PLAIN, ST.ZERO_ALLOC):
+            pass
+        elif run.type in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC) and img.backing is None:
+            pass
+        else:
+            return False
+        pos += run.length
+    return True
+
+
+async def discard(img: Qcow2Image, offset: int, length: int) -> None:
+    """Free whole clusters; v3 (or a backing file) leaves them reading as zero."""
+    geo = img.geo
+    cs = geo.cluster_size
+    a = -(-offset // cs) * cs
+    b = (offset + length) // cs * cs
+    if offset + length >= img.header.size:
+        b = -(-img.header.size // cs) * cs  # the last partial cluster counts as whole
+    if a >= b:
+        return
+    async with img.lock:
+        await img.ensure_writable()
+        await zero_or_discard(img, a, b - a, unmap=True, discard=True)
+
+
+async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: bool,
+                           discard: bool) -> None:  # fmt: skip
+    geo = img.geo
+    cs = geo.cluster_size
+    ss = geo.subcluster_size
+    v3 = img.header.version >= 3
+    pos, end = offset, offset + length
+    while pos < end:
+        l1i = geo.offset_to_l1_index(pos)
+        if discard and (l1i >= len(img.l1) or not img.l1[l1i] & L1E_OFFSET_MASK):
+            if not v3 or img.backing is None:
+                pos = min(end, (l1i + 1) * geo.l1_entry_span())
+                continue
+        l2off, l2 = await img._l2_for_write(l1i)
+        stop = min(end, (l1i + 1) * geo.l1_entry_span())
+        while pos < stop:
+            idx = geo.offset_to_l2_index(pos)
+            entry, bitmap = img._entry(l2, idx)
+            cstart = geo.start_of_cluster(pos)
+            cend = min(stop, cstart + cs)
+            full = pos == cstart and cend == cstart + cs
+            ctype = cluster_type(entry, geo)
+            if geo.extended_l2 and not full:
+                # Subcluster-granular zeroing inside one cluster.
+                first = geo.offset_to_sc_index(pos)
+                count = (cend - pos) // ss
+                mask = ((1 << count) - 1) << first
+                if ctype is CT.COMPRESSED:
+                    raise NotSupportedError("partial zero write on a compressed cluster",
+                                            img.file.name)  # fmt: skip
+                new_bitmap = (bitmap & ~mask) | (mask << 32)
+                img._set_entry(l2, idx, entry, new_bitmap)
+                img.l2_cache.mark_dirty(l2off)
+                pos = cend
+                continue
+            keep = ctype is CT.NORMAL and not unmap and not img.has_data_file
+            keep = keep or ctype is CT.ZERO_ALLOC and not unmap
+            keep = keep or (img.has_data_file and ctype is CT.NORMAL)
+            if discard and not (v3 and (img.backing is not None or ctype is not CT.UNALLOCATED)):
+                new_entry, new_bitmap = 0, 0  # v2, or nothing to hide: unallocated
+            elif geo.extended_l2:
+                new_entry = entry & (L2E_OFFSET_MASK | OFLAG_COPIED) if keep else 0
+                new_bitmap = L2_BITMAP_ALL_ZERO
+            elif not v3:
+                new_entry, new_bitmap = 0, 0
+            else:
+                new_entry = (entry & (L2E_OFFSET_MASK | OFLAG_COPIED) if keep else 0) | OFLAG_ZERO
+                new_bitmap = 0
+            if (new_entry, new_bitmap) != (entry, bitmap):
+                img._set_entry(l2, idx, new_entry, new_bitmap)
+                img.l2_cache.mark_dirty(l2off)
+                if not keep:
+                    if discard and img.discard_request and ctype is CT.NORMAL \
+                            and not img.has_data_file:  # fmt: skip
+                        host = entry & L2E_OFFSET_MASK
+                        await img._free_entry(entry, bitmap)
+                        if await img.refcounts.get(host >> geo.cluster_bits) == 0:
+                            await img.flush_metadata()
+                            try:
+                                await img.file.discard(host, cs)
+                            except OSError:
+                                pass
+                    else:
+                        await img._free_entry(entry, bitmap)
+            pos = cend
+
+
+
+async def truncate(img: Qcow2Image, size: int, prealloc: str = "off") -> None:
+    """Grow (with optional preallocation) or shrink the virtual disk."""
+    async with img.lock:
+        await img.ensure_writable()
+        geo = img.geo
+        old = img.header.size
+        if size < old:
+            if img.header.nb_snapshots:
+                raise NotSupportedError("cannot shrink an image with snapshots",
+                                        img.file.name)  # fmt: skip
+            cs = geo.cluster_size
+            start = -(-size // cs) * cs
+            await shrink_unmap(img, start, -(-old // cs) * cs)
+        else:
+            await img.grow_l1(geo.size_to_l1(size))
+        await img.flush_metadata()
+        await img.file.flush()
+        await img.write_header(attrs.evolve(img.header, size=size))
+        if size > old and prealloc != "off":
+            await preallocate(img, old, size, prealloc)
+
+
+async def shrink_unmap(img: Qcow2Image, start: int, end: int) -> None:
+    geo = img.geo
+    pos = start
+    while pos < end:
+        l1i = geo.offset_to_l1_index(pos)
+        stop = min(end, (l1i + 1) * geo.l1_entry_span())
+        if l1i < len(img.l1) and img.l1[l1i] & L1E_OFFSET_MASK:
+            l2off, l2 = await img._l2_for_write(l1i)
+            for idx in range(geo.offset_to_l2_index(pos),
+                             geo.offset_to_l2_index(stop - 1) + 1):  # fmt: skip
+                entry, bitmap = img._entry(l2, idx)
+                if entry or bitmap:
+                    img._set_entry(l2, idx, 0, 0)
+                    img.l2_cache.mark_dirty(l2off)
+                    await img._free_entry(entry, bitmap)
+            if pos == l1i * geo.l1_entry_span():
+                # The whole L2 table is out of range now: drop it (l1_shrink_*).
+                await img.flush_metadata()
+                img.l1[l1i] = 0
+                await img.file.event("l1_shrink_write_table")
+                await img._write_l1_entry(l1i)
+                await img.file.flush()
+                await img.file.event("l1_shrink_free_l2_clusters")
+                img.l2_cache.discard(l2off)
+                await img.refcounts.update(l2off, geo.cluster_size, -1)
+        pos = stop
+
+
+async def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
+    """Map every cluster of ``[start, end)`` (metadata), reserving host space for
+    falloc and writing zeros for full (qcow2's preallocate_co)."""
+    geo = img.geo
+    cs = geo.cluster_size
+    pos = geo.start_of_cluster(start)
+    host_end = 0
+    while pos < end:
+        l1i = geo.offset_to_l1_index(pos)
+        stop = min(-(-end // cs) * cs, (l1i + 1) * geo.l1_entry_span())
+        l2off, l2 = await img._l2_for_write(l1i)
+        first = geo.offset_to_l2_index(pos)
+        n = (stop - pos) // cs
+        todo = [i for i in range(first, first + n) if not img._entry(l2, i)[0]
+                & L2E_OFFSET_MASK and cluster_type(img._entry(l2, i)[0], geo)
+                is not CT.COMPRESSED]  # fmt: skip
+        if todo and img.has_data_file:
+            # host offset == guest offset; offset 0 is valid with COPIED set
+            for i in todo:
+                entry, bitmap = img._entry(l2, i)
+                guest = pos + (i - first) * cs
+                img._set_entry(l2, i, guest | OFLAG_COPIED,
+                                bitmap if geo.extended_l2 else 0)  # fmt: skip
+            img.l2_cache.mark_dirty(l2off)
+        elif todo:
+            new = await img.refcounts.alloc_clusters(len(todo))
+            await img._link_dependency()
+            for k, i in enumerate(todo):
+                entry, bitmap = img._entry(l2, i)
+                host = new + k * cs
+                zero = entry & OFLAG_ZERO if not geo.extended_l2 else 0
+                img._set_entry(l2, i, host | OFLAG_COPIED | zero,
+                                bitmap if geo.extended_l2 else 0)  # fmt: skip
+            img.l2_cache.mark_dirty(l2off)
+            host_end = max(host_end, new + len(todo) * cs)
+            if mode == "full":
+                await img.file.pwrite_zeroes(new, len(todo) * cs)
+        pos = stop
+    await img.flush_metadata()
+    if host_end and await img.file.getlength() < host_end:
+        await img.file.truncate(host_end)
