@@ -26,10 +26,16 @@ class CrashMem(MemoryDriver):
         super().__init__(f"crashmem{next(_names)}", **kwargs)
         self.writes = 0
         self.crash_after: int | None = None
+        #: debug events the format above sent to this node (blkdebug's view)
+        self.events: list[str] = []
 
     def _lands(self) -> bool:
         self.writes += 1
         return self.crash_after is None or self.writes <= self.crash_after
+
+    @hookimpl
+    async def bdrv_co_debug_event(self, bs: Any, event: str) -> None:
+        self.events.append(event)
 
     @hookimpl
     async def bdrv_co_create_opts(self, filename: str, options: dict[str, Any]) -> None:

@@ -408,7 +408,7 @@ async def bdrv_co_get_info(bs: Any) -> BlockDriverInfo:
     img: Qcow2Image = bs.opaque.image
     return BlockDriverInfo(cluster_size=img.geo.cluster_size,
                            subcluster_size=img.geo.subcluster_size,
-                           vm_state_offset=img.geo.vm_state_offset(img.header.size),
+                           vm_state_offset=img.vm_state_offset(),
                            is_dirty=bool(img.header.incompatible_features & Incompat.DIRTY))
 
 
@@ -424,6 +424,16 @@ async def bdrv_co_truncate(bs: Any, offset: int, exact: bool, prealloc: Prealloc
     if offset % 512:
         raise BlockError(errno.EINVAL, f"size {offset} must be a multiple of 512", bs.node_name)
     await img.truncate(offset, prealloc.value)
+
+
+@hookimpl
+async def bdrv_co_readv_vmstate(bs: Any, buf: memoryview, pos: int) -> None:
+    await bs.opaque.image.vmstate_io(pos, buf, False)
+
+
+@hookimpl
+async def bdrv_co_writev_vmstate(bs: Any, buf: memoryview, pos: int) -> None:
+    await bs.opaque.image.vmstate_io(pos, buf, True)
 
 
 @hookimpl

@@ -503,6 +503,24 @@ class Qcow2Image:
     async def truncate(self, size: int, prealloc: str = "off") -> None:
         await clusterops.truncate(self, size, prealloc)
 
+    # ================================================================== VM state
+
+    def vm_state_offset(self) -> int:
+        """Where VM state starts: the first L1 entry not covering the disk
+        (qcow2_vm_state_offset)."""
+        return self.geo.vm_state_offset(self.header.size)
+
+    async def vmstate_io(self, pos: int, buf: memoryview, write: bool) -> None:
+        """Read or write VM state: guest data past the disk, at ``vm_state_offset + pos``,
+        allocated like any cluster (qcow2_co_save_vmstate/qcow2_co_load_vmstate)."""
+        offset = self.vm_state_offset() + pos
+        if write:
+            await self.file.event("vmstate_save")
+            await self.write(offset, buf)
+        else:
+            await self.file.event("vmstate_load")
+            await self.read(offset, buf)
+
     # ================================================================== status / L1
 
     async def block_status(self, offset: int, length: int) -> tuple[SubclusterType, int, int]:
