@@ -10,6 +10,7 @@ host-filesystem allocation (``disk size``, ``actual-size``).
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import tempfile
@@ -100,14 +101,14 @@ def _run(g: Golden, real: bool) -> list[tuple[str, str, int]]:
 
 @pytest.fixture(scope="session")
 def blockcore_runs() -> dict[str, list[tuple[str, str, int]]]:
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         futures = {name: pool.submit(_run, g, False) for name, g in GOLDENS.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
 @pytest.fixture(scope="session")
 def qemu_runs() -> dict[str, list[tuple[str, str, int]]]:
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         futures = {name: pool.submit(_run, g, True) for name, g in GOLDENS.items()}
         return {name: f.result() for name, f in futures.items()}
 

@@ -143,6 +143,13 @@ def parse_aio(mode: str) -> OpenFlags:
 def describe_error(exc: BaseException) -> tuple[str, str | None]:
     """The message QEMU would print for ``exc`` (without the "Could not open" prefix) and its
     hint lines."""
+    if not isinstance(exc, (OSError, ValueError)):
+        # a failure while cleaning up can hide the real error: report the one that started it
+        cause: BaseException | None = exc.__context__
+        while cause is not None and not isinstance(cause, (OSError, ValueError)):
+            cause = cause.__context__
+        if cause is not None:
+            exc = cause
     hint = getattr(exc, "hint", None)
     if hint and not hint.endswith("\n"):
         hint += "\n"
@@ -235,7 +242,7 @@ def img_open(filename: str, fmt: str | None = None, flags: OpenFlags = OpenFlags
         raise CliError(f"Could not open '{what or filename}': {exc.message}") from None
     try:
         blk = BlockBackend.open(name, flatten(opts), flags)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - reported as QEMU does, never a traceback
         msg, hint = describe_error(exc)
         raise CliError(f"Could not open '{what or filename}': {msg}", hint=hint) from None
     warn_probed_raw(blk.bs, flags)

@@ -142,8 +142,8 @@ class Session:
                 error_report(f"can't open{where}: {exc.message}")
                 return 1
         try:
-            self.blk = BlockBackend.open(filename, flatten(opts), flags)
-        except (OSError, ValueError) as exc:
+            self.blk = self._open(filename, opts, flags)
+        except Exception as exc:  # noqa: BLE001 - reported as qemu-io does
             msg, hint = describe_error(exc)
             error_report(f"can't open{where}: {msg}", hint)
             return 1
@@ -151,6 +151,43 @@ class Session:
         self.open_args = (filename, opts, flags)
         warn_probed_raw(self.blk.bs, flags)
         return 0
+
+    def _open(self, filename: str | None, opts: dict[str, Any], flags: OpenFlags) -> Any:
+        """``blk_new_open``, with ``-s`` done as QEMU does: writes go to a temporary qcow2
+        overlay (deleted at once, kept alive by the open file) over the read-only image."""
+        from ..backend import BlockBackend
+
+        if not flags & OpenFlags.SNAPSHOT:
+            return BlockBackend.open(filename, flatten(opts), flags)
+        import os
+        import tempfile
+
+        from ..special import bdrv_create
+
+        base = BlockBackend.open(filename, flatten(opts), flags & ~(OpenFlags.RDWR |
+                                                                   OpenFlags.SNAPSHOT))
+        try:
+            from ..io import bdrv_getlength
+
+            size = bdrv_getlength(base.bs)
+            fmt = base.bs.drv.name
+            base_name = base.bs.filename
+        finally:
+            base.close()
+        fd, tmp = tempfile.mkstemp(prefix="vl.", dir=os.environ.get("TMPDIR", "/var/tmp"))
+        os.close(fd)
+        try:
+            backing_opts = {k: v for k, v in flatten(opts).items()}
+            if filename is not None:
+                backing_opts.setdefault("file.filename", os.path.abspath(base_name or filename))
+            backing_opts["driver"] = fmt
+            bdrv_create("qcow2", tmp, {"size": size})
+            blk = BlockBackend.open(tmp, {"driver": "qcow2", **{f"backing.{k}": v for k, v in
+                                                                 backing_opts.items()}},
+                                    flags & ~OpenFlags.SNAPSHOT)
+        finally:
+            os.unlink(tmp)
+        return blk
 
     def close(self) -> None:
         if self.blk is not None:
