@@ -97,7 +97,7 @@ class BlockBackend:
         global_state_code("BlockBackend.attach")
         flags = bs.open_flags if flags is None else flags
         perm = Perm.CONSISTENT_READ
-        if bs.open_flags & OpenFlags.RDWR:
+        if flags & OpenFlags.RDWR and bs.open_flags & OpenFlags.RDWR:
             perm |= Perm.WRITE
         if flags & OpenFlags.RESIZE:
             perm |= Perm.RESIZE
@@ -113,6 +113,30 @@ class BlockBackend:
             bs.refcnt -= 1
             raise
         return blk
+
+    @api(Tier.GS)
+    def reopen(self, read_only: bool) -> None:
+        """Reopen the image read-only or read-write, adjusting this backend's write
+        permission (qemu-io ``reopen -r``/``-w``). Tier: GS."""
+        global_state_code("BlockBackend.reopen")
+        from .graph import bdrv_reopen_set_read_only
+
+        root = self.root
+        if root is None:
+            raise NoMediumError("backend has no medium", self.name)
+        old = root.perm
+        if read_only:
+            root.perm &= ~(Perm.WRITE | Perm.RESIZE)
+        try:
+            bdrv_reopen_set_read_only(root.bs, read_only)
+            if not read_only:
+                root.perm |= Perm.WRITE
+                from .graph import bdrv_refresh_perms
+
+                bdrv_refresh_perms(root.bs)
+        except BaseException:
+            root.perm = old
+            raise
 
     @api(Tier.GS)
     def close(self) -> None:
@@ -169,6 +193,14 @@ class BlockBackend:
         root = self.root
         if root is None:
             raise NoMediumError("backend has no medium", self.name)
+        from .special import bdrv_co_is_inserted
+
+        if root.bs.bl.has_variable_length or root.bs.total_bytes == 0:
+            if not await bdrv_co_is_inserted(root.bs):
+                raise NoMediumError("no medium found", root.bs.filename or root.bs.node_name)
+            from .io import bdrv_co_getlength
+
+            await bdrv_co_getlength(root.bs)
         while self.quiesce_counter:
             # a queued request is not in flight: drain must not wait for it (QEMU's
             # blk_wait_while_drained)
@@ -213,7 +245,8 @@ class BlockBackend:
         try:
             root = self.root
             if root is None or self.quiesce_counter or offset < 0 or length < 0 \
-                    or offset + length > root.bs.total_bytes:  # fmt: skip
+                    or offset + length > root.bs.total_bytes \
+                    or root.bs.bl.has_variable_length:  # fmt: skip
                 root = await self._start(offset, length, True)
             await self._rdlocked(root, bdrv_co_preadv, offset, length, buf, flags)
         finally:
@@ -339,8 +372,13 @@ class BlockBackend:
         self._run(self.co_truncate(offset, exact, prealloc), "blk_truncate")
 
     def getlength(self) -> int:
-        """Length in bytes. Tier: I/O."""
-        return self.bs.total_bytes
+        """Length in bytes (asked again for devices whose length varies). Tier: I/O."""
+        bs = self.bs
+        if bs.bl.has_variable_length:
+            from .io import bdrv_getlength
+
+            return int(bdrv_getlength(bs))
+        return bs.total_bytes
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -127,6 +127,8 @@ class BlockDriverState:
         self.detect_zeroes = "off"
         self.sg = False
         self.probed_format = False
+        #: False when the driver's bdrv_open failed: bdrv_close is then not called
+        self.drv_opened = True
         # request-path state (block/io.c)
         self.in_flight = 0
         self.quiesce_counter = 0
@@ -351,6 +353,10 @@ def _refresh_perms(start: BlockDriverState) -> None:
                         f"which does not allow {names} on {bs.node_name}",
                         bs.filename or bs.node_name,
                     )
+    for bs in order:
+        perm, _shared = _cumulative(bs, plan)
+        if perm & Perm.WRITE and not bs.open_flags & OpenFlags.RDWR and bs.parents:
+            raise PermissionConflictError("block node is read-only", bs.filename or bs.node_name)
     checked: list[BlockDriverState] = []
     try:
         for bs in order:
@@ -558,8 +564,8 @@ def _child_flags(parent_flags: OpenFlags, role: ChildRole, parent_is_format: boo
         flags &= ~(OpenFlags.RDWR | OpenFlags.AUTO_RDONLY)
         return flags
     flags |= OpenFlags.UNMAP  # lower layers follow the unmap policy of the node above
-    if parent_is_format:
-        flags |= OpenFlags.PROTOCOL
+    # a format's or a filter's own children are protocol nodes: no probing below them
+    flags |= OpenFlags.PROTOCOL
     if parent_flags & OpenFlags.INACTIVE:
         flags |= OpenFlags.INACTIVE
     return flags
@@ -657,7 +663,11 @@ def _open_node(
     try:
         backing_ref = options.pop("backing", "") if desc.supports_backing else ""
         if drv.bdrv_open is not None:  # type: ignore[attr-defined]
-            drv.bdrv_open(bs, options, flags)  # type: ignore[attr-defined]
+            try:
+                drv.bdrv_open(bs, options, flags)  # type: ignore[attr-defined]
+            except BaseException:
+                bs.drv_opened = False  # a failed open is not closed by the driver
+                raise
         if not bs.filename and bs.file is not None:
             bs.filename = bs.file.bs.filename
         if desc.supports_backing and not flags & OpenFlags.NO_BACKING and bs.backing is None:
@@ -883,7 +893,7 @@ def _close_node(bs: BlockDriverState) -> None:
                 bdrv_flush(bs)
             except OSError:
                 pass  # close must go on; the caller flushed explicitly if it cared
-        if bs.drv.bdrv_close is not None:  # type: ignore[attr-defined]
+        if bs.drv.bdrv_close is not None and bs.drv_opened:  # type: ignore[attr-defined]
             bs.drv.bdrv_close(bs)  # type: ignore[attr-defined]
     finally:
         bdrv_drained_end(bs)
@@ -893,6 +903,75 @@ def _close_node(bs: BlockDriverState) -> None:
         bs.file = bs.backing = None
         bs.drv = None
         _all_nodes.pop(bs.node_name, None)
+
+
+# -------------------------------------------------------------------------------------------
+# Reopen
+# -------------------------------------------------------------------------------------------
+
+
+@api(Tier.GS)
+def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] | None = None
+                ) -> None:  # fmt: skip
+    """Switch ``bs`` (and the storage children below it) to ``flags``, e.g. read-only <->
+    read-write, transactionally: every driver prepares, permissions are checked, then all
+    commit; on any failure all abort and nothing changes. Tier: GS.
+
+    Drivers without reopen hooks accept only a change of the read-write flag and no options.
+    """
+    global_state_code("bdrv_reopen")
+    from .drain import bdrv_drained_begin, bdrv_drained_end
+
+    queue: list[tuple[BlockDriverState, OpenFlags, dict[str, Any]]] = []
+
+    def collect(node: BlockDriverState, nflags: OpenFlags, opts: dict[str, Any]) -> None:
+        queue.append((node, nflags, opts))
+        for c in node.children:
+            if not c.role & ChildRole.COW:
+                child_rw = (c.bs.open_flags & ~OpenFlags.RDWR) | (nflags & OpenFlags.RDWR)
+                collect(c.bs, child_rw, {})
+
+    collect(bs, flags, dict(options or {}))
+    bdrv_drained_begin(bs)
+    try:
+        prepared: list[tuple[BlockDriverState, Any, OpenFlags]] = []
+        try:
+            for node, nflags, opts in queue:
+                drv = node.drv
+                if drv is None:
+                    raise BlockError(errno.ENOMEDIUM, "no medium", node.node_name)
+                if drv.bdrv_reopen_prepare is not None:  # type: ignore[attr-defined]
+                    state = drv.bdrv_reopen_prepare(node, opts, nflags)  # type: ignore[attr-defined]
+                elif opts:
+                    raise BlockError(errno.EINVAL, f"cannot change the option "
+                                     f"{next(iter(opts))!r} of driver {drv.name!r}", node.filename)
+                else:
+                    state = None
+                prepared.append((node, state, node.open_flags))
+                node.open_flags = nflags
+            _refresh_perms(bs)
+        except BaseException:
+            for node, state, old in reversed(prepared):
+                node.open_flags = old
+                if node.drv.bdrv_reopen_abort is not None:  # type: ignore[union-attr]
+                    node.drv.bdrv_reopen_abort(node, state)  # type: ignore[union-attr]
+            raise
+        for node, state, _old in prepared:
+            if node.drv.bdrv_reopen_commit is not None:  # type: ignore[union-attr]
+                node.drv.bdrv_reopen_commit(node, state)  # type: ignore[union-attr]
+    finally:
+        bdrv_drained_end(bs)
+
+
+@api(Tier.GS)
+def bdrv_reopen_set_read_only(bs: BlockDriverState, read_only: bool) -> None:
+    """Reopen ``bs`` read-only or read-write (QEMU's bdrv_reopen_set_read_only). Tier: GS.
+
+    :raises PermissionConflictError: making it read-only while a user holds write access.
+    """
+    global_state_code("bdrv_reopen_set_read_only")
+    flags = bs.open_flags & ~OpenFlags.RDWR if read_only else bs.open_flags | OpenFlags.RDWR
+    bdrv_reopen(bs, flags)
 
 
 @api(Tier.GS)

@@ -634,9 +634,15 @@ async def bdrv_co_pdiscard(child: BdrvChild, offset: int, length: int) -> None:
         while remaining > 0:
             num = remaining
             if head:
+                # small pieces up to the alignment boundary; an unaligned start first reaches
+                # the next request_alignment boundary, an aligned one stays aligned (discard
+                # is advisory: pieces smaller than request_alignment still go down, as QEMU)
                 num = min(remaining, align - head)
-                if num % bl.request_alignment:
-                    num %= bl.request_alignment
+                ra = bl.request_alignment
+                if pos % ra:
+                    num = min(num, ra - pos % ra)
+                elif (pos + num) % ra and num > ra:
+                    num = round_down(pos + num, ra) - pos
                 head = (head + num) % align
             elif tail:
                 if num > align:

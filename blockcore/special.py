@@ -489,3 +489,54 @@ async def bdrv_co_create_file(filename: str, options: dict[str, Any]) -> None:
     prefix = f"{drv.descriptor.protocol_name}:"
     name = filename[len(prefix):] if filename.startswith(prefix) else filename
     await drv.bdrv_co_create_opts(name, {k: v for k, v in options.items() if k in known})  # type: ignore[attr-defined]
+
+
+# -------------------------------------------------------------------------------------------
+# Debug breakpoints (blkdebug): the core finds the first node down the primary children
+# whose driver has the hook, as QEMU's bdrv_debug_* functions do
+# -------------------------------------------------------------------------------------------
+
+
+def _debug_node(bs: BlockDriverState, hook: str) -> BlockDriverState:
+    node: BlockDriverState | None = bs
+    while node is not None and node.drv is not None:
+        if getattr(node.drv, hook) is not None:
+            return node
+        child = bdrv_primary_child(node)
+        node = child.bs if child is not None else None
+    raise NotSupportedError("no node below supports debug breakpoints", bs.node_name)
+
+
+@api(Tier.GS)
+def bdrv_debug_breakpoint(bs: BlockDriverState, event: str, tag: str) -> None:
+    """Suspend the next request raising ``event`` under ``tag`` (qemu-io ``break``). Tier: GS."""
+    global_state_code("bdrv_debug_breakpoint")
+    node = _debug_node(bs, "bdrv_debug_breakpoint")
+    node.drv.bdrv_debug_breakpoint(node, event, tag)  # type: ignore[union-attr]
+
+
+@api(Tier.GS)
+def bdrv_debug_remove_breakpoint(bs: BlockDriverState, tag: str) -> None:
+    """Remove breakpoints ``tag`` and resume what they hold (``remove_break``). Tier: GS."""
+    global_state_code("bdrv_debug_remove_breakpoint")
+    node = _debug_node(bs, "bdrv_debug_remove_breakpoint")
+    node.drv.bdrv_debug_remove_breakpoint(node, tag)  # type: ignore[union-attr]
+
+
+@api(Tier.GS)
+def bdrv_debug_resume(bs: BlockDriverState, tag: str) -> None:
+    """Resume the request suspended under ``tag`` (``resume``). Tier: GS."""
+    global_state_code("bdrv_debug_resume")
+    node = _debug_node(bs, "bdrv_debug_resume")
+    node.drv.bdrv_debug_resume(node, tag)  # type: ignore[union-attr]
+
+
+@api(Tier.GS)
+def bdrv_debug_is_suspended(bs: BlockDriverState, tag: str) -> bool:
+    """Whether a request is suspended under ``tag`` (``wait_break`` polls it). Tier: GS."""
+    global_state_code("bdrv_debug_is_suspended")
+    try:
+        node = _debug_node(bs, "bdrv_debug_is_suspended")
+    except NotSupportedError:
+        return False
+    return bool(node.drv.bdrv_debug_is_suspended(node, tag))  # type: ignore[union-attr]

@@ -234,3 +234,47 @@ def test_run_co_runs_driver_coroutine_with_rdlock(memdrv) -> None:
         buf = bytearray(3)
         run_co(blk.bs, bdrv_co_pread(blk.root, 0, 3, buf))
         assert buf == b"xyz"
+
+
+def test_reopen_read_only_and_back(memdrv) -> None:
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
+        blk.pwrite(0, b"a")
+        blk.reopen(read_only=True)
+        assert not blk.bs.open_flags & OpenFlags.RDWR
+        with pytest.raises(BlockError) as info:
+            blk.pwrite(0, b"b")
+        assert info.value.errno == errno.EPERM
+        blk.reopen(read_only=False)
+        blk.pwrite(0, b"c")
+        assert blk.pread(0, 1) == b"c"
+
+
+def test_reopen_read_only_refused_while_a_writer_holds_the_node(memdrv) -> None:
+    from blockcore.graph import bdrv_reopen_set_read_only
+
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
+        with pytest.raises(PermissionConflictError, match="block node is read-only"):
+            bdrv_reopen_set_read_only(blk.bs, True)
+        assert blk.bs.open_flags & OpenFlags.RDWR  # nothing changed
+        blk.pwrite(0, b"still writable")
+
+
+def test_reopen_refuses_options_the_driver_cannot_change(memdrv) -> None:
+    from blockcore.graph import bdrv_reopen
+
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
+        with pytest.raises(BlockError, match="cannot change the option 'size'"):
+            bdrv_reopen(blk.bs, blk.bs.open_flags, {"size": 8192})
+
+
+def test_debug_breakpoint_without_blkdebug_is_not_supported(memdrv) -> None:
+    from blockcore.special import bdrv_debug_breakpoint, bdrv_debug_is_suspended
+
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
+        with pytest.raises(blockcore.NotSupportedError, match="debug breakpoints"):
+            bdrv_debug_breakpoint(blk.bs, "write_aio", "A")
+        assert bdrv_debug_is_suspended(blk.bs, "A") is False
