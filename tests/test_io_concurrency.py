@@ -214,3 +214,60 @@ def test_driver_concurrency_mode_enforced(env: Env, mode: Concurrency, peak: int
     gather(*(a.co_preadv(i * 4096, 4096, buf) for i, buf in enumerate(bufs)))
     assert drv.peak == (4 if mode is Concurrency.PARALLEL else 1)
     assert all(buf == b"c" * 4096 for buf in bufs[:3])
+
+
+class GateMemoryDriver(MemoryDriver):
+    """Counts how many of its hooks run at once on one node (writes, flushes, status)."""
+
+    def __init__(self, name: str, **kw: Any) -> None:
+        super().__init__(name, **kw)
+        self.active = 0
+        self.overlaps: list[str] = []
+
+    async def _enter(self, what: str) -> None:
+        self.active += 1
+        if self.active > 1:
+            self.overlaps.append(what)
+        await asyncio.sleep(0.02)
+        self.active -= 1
+
+    @hookimpl
+    async def bdrv_co_pwritev(self, bs: Any, offset: int, length: int, buf: memoryview,
+                              flags: F) -> None:  # fmt: skip
+        await self._enter("write")
+        await super().bdrv_co_pwritev(bs, offset, length, buf, flags)
+
+    @hookimpl
+    async def bdrv_co_flush_to_disk(self, bs: Any) -> None:
+        await self._enter("flush_to_disk")
+
+    @hookimpl
+    async def bdrv_co_block_status(self, bs: Any, want_zero: bool, offset: int,
+                                   length: int) -> Any:  # fmt: skip
+        await self._enter("block_status")
+        return await super().bdrv_co_block_status(bs, want_zero, offset, length)
+
+
+@pytest.mark.xfail(strict=True, reason="core bug: only read/write/zero/discard/truncate go through "
+                   "io._call_driver; flush_to_os/flush_to_disk and block_status hooks are called "
+                   "directly, so they run concurrently with a write in a SERIALIZE_REQUESTS or "
+                   "SERIALIZE_ALL driver")
+@pytest.mark.parametrize("mode", [Concurrency.SERIALIZE_REQUESTS, Concurrency.SERIALIZE_ALL])
+def test_serialized_driver_gets_one_request_at_a_time(env: Env, mode: Concurrency) -> None:
+    from blockcore import status
+    from blockcore.aio import bdrv_graph_co_rdlock
+
+    drv = env.add(GateMemoryDriver(unique("iogate"), concurrency=mode))
+    blk = env.open(drv, 64 * KiB)
+
+    async def block_status() -> Any:
+        async with bdrv_graph_co_rdlock():
+            return await status.bdrv_co_block_status(blk.bs, True, 0, 4096)
+
+    async def main() -> None:
+        await blk.co_pwritev(0, 512, b"a" * 512)
+        await asyncio.gather(blk.co_pwritev(4096, 512, b"b" * 512), blk.co_flush(),
+                             block_status(), blk.co_pwritev(8192, 512, b"c" * 512))
+
+    run(main())
+    assert drv.overlaps == []

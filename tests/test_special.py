@@ -22,7 +22,7 @@ from iotest_drivers import (
 
 from blockcore import BdrvRequestFlags as F
 from blockcore import IOThread, OpenFlags, hookimpl, info, io, main_context, special
-from blockcore.errors import BlockError, NotSupportedError
+from blockcore.errors import BlockError, NoMediumError, NotSupportedError
 from blockcore.graph import bdrv_try_change_aio_context
 from blockcore.testing import MemoryDriver
 from blockcore.types import BLKDEBUG_EVENTS, BdrvCheckMode
@@ -196,6 +196,29 @@ def test_removable_medium_driver(env: Env) -> None:
     assert run_locked(special.bdrv_co_is_inserted, blk.bs) is False  # children's answer
     run_locked(special.bdrv_co_eject, inner_bs, False)
     assert run_locked(special.bdrv_co_is_inserted, blk.bs) is True
+
+
+@pytest.mark.xfail(strict=True, reason="core bug: requests on a node whose driver reports no "
+                   "medium (bdrv_co_is_inserted False) still reach the driver; QEMU's "
+                   "bdrv_co_preadv_part/pwritev_part/pdiscard return -ENOMEDIUM")
+@pytest.mark.parametrize("op", ["read", "write", "zero", "discard"])
+def test_requests_on_ejected_medium_are_enomedium(env: Env, op: str) -> None:
+    media = env.add(FilterDriver(medium=True))
+    mem = env.mem()
+    blk = env.open(media, None, discard=True, file={"driver": mem.name, "size": 4096})
+    run_locked(special.bdrv_co_eject, blk.bs, True)
+    assert run_locked(special.bdrv_co_is_inserted, blk.bs) is False
+    mem.calls.clear()
+    with pytest.raises(NoMediumError):
+        if op == "read":
+            blk.pread(0, 512)
+        elif op == "write":
+            blk.pwrite(0, b"x" * 512)
+        elif op == "zero":
+            blk.pwrite_zeroes(0, 512)
+        else:
+            blk.pdiscard(0, 512)
+    assert mem.calls == []
 
 
 # -------------------------------------------------------------------------------------------
