@@ -191,3 +191,32 @@ def test_cor_last_partial_cluster(env: Env) -> None:
     info.bdrv_enable_copy_on_read(top.bs)
     assert top.pread(1024, 512) == BASE[1024:1536]
     assert allocated_grains(top) == [2]
+
+
+@pytest.mark.parametrize("write_first", [False, True])
+def test_cor_racing_a_write_in_the_same_cluster_keeps_the_write(env: Env,
+                                                                write_first: bool) -> None:  # fmt: skip
+    base = env.open(env.mem(delay=0.02), 1 << 20)
+    base.pwrite(0, BASE)
+    cow = env.cow(cluster_size=64 * KiB)
+    top = top_over(env, base, cow)
+    info.bdrv_enable_copy_on_read(top.bs)
+    buf = bytearray(4 * KiB)
+    new = b"\x42" * 4 * KiB
+
+    async def main() -> None:
+        read = top.co_preadv(0, 4 * KiB, buf)
+        write = top.co_pwritev(8 * KiB, 4 * KiB, new)
+        first, second = (write, read) if write_first else (read, write)
+        task = asyncio.ensure_future(first)
+        await asyncio.sleep(0.005)
+        await second
+        await task
+
+    run(main())
+    assert buf == BASE[: 4 * KiB]
+    info.bdrv_disable_copy_on_read(top.bs)
+    # the copy of the backing cluster must not overwrite the newer write
+    assert top.pread(8 * KiB, 4 * KiB) == new
+    assert top.pread(0, 8 * KiB) == BASE[: 8 * KiB]
+    assert top.pread(12 * KiB, 52 * KiB) == BASE[12 * KiB : 64 * KiB]
