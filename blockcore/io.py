@@ -151,6 +151,24 @@ def _enter(fn_name: str, bs: BlockDriverState) -> Any:
     return drv
 
 
+async def _is_inserted(bs: BlockDriverState) -> bool:
+    """Whether the node and every child have their medium (bdrv_co_is_inserted)."""
+    drv = bs.drv
+    if drv is None:
+        return False
+    if drv.bdrv_co_is_inserted is not None:
+        return bool(await drv.bdrv_co_is_inserted(bs))
+    for c in bs.children:
+        if not await _is_inserted(c.bs):
+            return False
+    return True
+
+
+async def _check_medium(bs: BlockDriverState) -> None:
+    if not await _is_inserted(bs):
+        raise NoMediumError("no medium found", bs.filename or bs.node_name)
+
+
 def _view(buf: Any, length: int) -> memoryview:
     view = buf if type(buf) is memoryview else memoryview(buf)
     if view.nbytes != length:
@@ -258,6 +276,8 @@ async def bdrv_co_preadv(
     assert_bdrv_graph_readable("bdrv_co_preadv")
     if offset < 0 or length < 0 or length > BDRV_REQUEST_MAX_BYTES or offset > BDRV_MAX_LENGTH:
         _check_request(bs, offset, length, True)
+    if bs.removable_below:
+        await _check_medium(bs)
     view = buf if type(buf) is memoryview and buf.nbytes == length else _view(buf, length)
     if length == 0:
         return
@@ -345,6 +365,8 @@ async def bdrv_co_pwritev(
     bs = child.bs
     drv = _enter("bdrv_co_pwritev", bs)
     assert_bdrv_graph_readable("bdrv_co_pwritev")
+    if bs.removable_below:
+        await _check_medium(bs)
     _check_request(bs, offset, length, not flags & F.ZERO_WRITE)
     _write_allowed(child, offset + length, flags)
     align = bs.bl.request_alignment
@@ -616,6 +638,8 @@ async def bdrv_co_pdiscard(child: BdrvChild, offset: int, length: int) -> None:
     bs = child.bs
     drv = _enter("bdrv_co_pdiscard", bs)
     assert_bdrv_graph_readable("bdrv_co_pdiscard")
+    if bs.removable_below:
+        await _check_medium(bs)
     _check_request(bs, offset, length, False)
     if not bs.open_flags & OpenFlags.UNMAP or drv.bdrv_co_pdiscard is None or length == 0:
         return

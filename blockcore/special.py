@@ -11,6 +11,7 @@ from .aio import assert_bdrv_graph_readable, co_wrapper
 from .errors import BlockError, NoMediumError, NotSupportedError
 from .graph import bdrv_filter_bs, bdrv_primary_child
 from .io import (
+    _is_inserted,
     F,
     TrackedRequest,
     _check_request,
@@ -199,15 +200,7 @@ def bdrv_load_vmstate(bs: BlockDriverState, buf: Any, pos: int, size: int) -> in
 @api(Tier.IO)
 async def bdrv_co_is_inserted(bs: BlockDriverState) -> bool:
     """Whether the node and every child have their medium. Tier: I/O."""
-    drv = bs.drv
-    if drv is None:
-        return False
-    if drv.bdrv_co_is_inserted is not None:
-        return bool(await drv.bdrv_co_is_inserted(bs))
-    for c in bs.children:
-        if not await bdrv_co_is_inserted(c.bs):
-            return False
-    return True
+    return await _is_inserted(bs)
 
 
 bdrv_is_inserted = co_wrapper(bdrv_co_is_inserted, "bdrv_is_inserted", rdlock=True)
