@@ -507,3 +507,22 @@ def test_reopen_direct(ext4_4k: Path) -> None:
         state = drv.bdrv_reopen_prepare(bs, {}, bs.open_flags | OpenFlags.NOCACHE)
         drv.bdrv_reopen_commit(bs, state)
         assert bs.opaque.engine.direct and bs.opaque.request_alignment == 4096
+
+
+def test_reopen_through_the_core(tmp_path: Path, qemu: None) -> None:
+    import fcntl
+
+    path = make_image(tmp_path / "c.img", MiB)
+    with BlockBackend.open(str(path), {"driver": "raw"}, OpenFlags.NONE) as blk:
+        file_bs = blk.bs.file.bs  # type: ignore[union-attr]
+        assert locked_bytes(path) == [100]
+        blk.reopen(False)  # read-write: a new O_RDWR descriptor, write lock taken
+        assert fcntl.fcntl(file_bs.opaque.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        assert locked_bytes(path) == [100, 101]
+        blk.pwrite(0, b"reopened")
+        blk.reopen(True)
+        assert locked_bytes(path) == [100]
+        assert blk.pread(0, 8) == b"reopened"
+        res = qemu_io("-f", "raw", "-c", "read -P 0x72 0 1", str(path))  # 'r'
+        assert res.returncode == 0 and "verification failed" not in res.stdout
+    assert locked_bytes(path) == []
