@@ -621,3 +621,61 @@ async def bdrv_co_remove_persistent_dirty_bitmap(bs: BlockDriverState, name: str
 
     .. versionadded:: 0.2
     """
+
+
+@hookspec
+def bdrv_snapshot_create(bs: BlockDriverState, sn_info: dict[str, Any]) -> None:
+    """Create an internal snapshot of the node's current state.
+
+    Tier: GS. The node is drained. ``sn_info`` is a QAPI ``SnapshotInfo`` dict: ``id``
+    (empty: the driver picks the next free one and stores it back into ``sn_info``),
+    ``name``, ``vm-state-size``, ``date-sec``, ``date-nsec``, ``vm-clock-sec``,
+    ``vm-clock-nsec`` and ``icount`` (-1 or absent: none).
+
+    :raises BlockError: EEXIST for an id in use; the errno is what ``qemu-img snapshot -c``
+        prints.
+
+    Optional. If not implemented, callers (``blockcore-img snapshot``) try the node's
+    primary child, as QEMU's fallback does, else "not supported".
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bdrv_snapshot_goto(bs: BlockDriverState, snapshot_id: str) -> None:
+    """Revert the node to the snapshot whose id, else whose name, is ``snapshot_id``.
+
+    Tier: GS. The node is drained; the driver updates ``bs.total_bytes`` when the
+    snapshot's virtual size differs.
+
+    :raises BlockError: ENOENT when no snapshot matches.
+
+    Optional, as :func:`bdrv_snapshot_create`.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bdrv_snapshot_delete(bs: BlockDriverState, snapshot_id: str | None, name: str | None) -> None:
+    """Delete the snapshot matching ``snapshot_id`` and ``name`` (both must match when both
+    are given, at least one is).
+
+    Tier: GS. The node is drained. :raises BlockError: ENOENT when none matches.
+
+    Optional, as :func:`bdrv_snapshot_create`.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bdrv_snapshot_list(bs: BlockDriverState) -> list[dict[str, Any]]:
+    """Return the node's internal snapshots as QAPI ``SnapshotInfo`` dicts, in table order.
+
+    Tier: GS. Optional. If not implemented, the node has no snapshots (or its primary
+    child's, as QEMU's fallback).
+
+    .. versionadded:: 0.2
+    """

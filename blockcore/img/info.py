@@ -6,9 +6,20 @@ from typing import Any
 
 from ..cliutil import CliError
 from ..types import OpenFlags
-from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, OUTPUT, LongOpt, error_exit, getopts
-from .common import img_open, out, parse_output
-from .output import image_info_human, image_info_json, image_info_list_human
+from .common import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    OUTPUT,
+    LongOpt,
+    error_exit,
+    getopts,
+    img_open,
+    out,
+    parse_output,
+)
+from .output import image_info_json, image_info_list_human
 
 __all__ = ["collect_image_info", "full_backing_filename", "img_info"]
 
@@ -18,7 +29,7 @@ def full_backing_filename(image_filename: str, backing: str) -> str | None:
     to the directory of the image naming it; None when that cannot be determined."""
     if not backing:
         return None
-    if backing.startswith("/") or _has_protocol(backing) or backing.startswith("json:"):
+    if backing.startswith(("/", "json:")) or _has_protocol(backing):
         return backing
     if image_filename.startswith("json:") or _has_protocol(image_filename):
         return None
@@ -83,14 +94,11 @@ def collect_image_info(bs: Any, filename: str | None = None) -> dict[str, Any]:
 
 
 def _snapshots(bs: Any) -> list[dict[str, Any]]:
-    """Internal snapshots, when the driver exposes ``bdrv_snapshot_list`` (not in the contract
-    yet: looked up on the driver plugin)."""
-    drv = getattr(bs, "drv", None)
-    lister = getattr(getattr(drv, "plugin", None), "bdrv_snapshot_list", None)
-    if lister is None:
-        return []
+    """Internal snapshots (``bdrv_snapshot_list``, falling back to the primary child)."""
+    from .misc import snapshot_list
+
     try:
-        return list(lister(bs))
+        return snapshot_list(bs)
     except OSError:
         return []
 

@@ -23,8 +23,8 @@ __all__ = [
     "map_header_human",
     "measure_human",
     "measure_json",
-    "snapshot_line",
     "snapshot_header",
+    "snapshot_line",
 ]
 
 
@@ -38,7 +38,7 @@ def snapshot_line(sn: dict[str, Any]) -> str:
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.get("date-sec", 0)))
     clock_ns = sn.get("vm-clock-sec", 0) * 1_000_000_000 + sn.get("vm-clock-nsec", 0)
     secs = clock_ns // 1_000_000_000
-    clock = "%04d:%02d:%02d.%03d" % (secs // 3600, secs // 60 % 60, secs % 60,
+    clock = "%02d:%02d:%02d.%03d" % (secs // 3600, secs // 60 % 60, secs % 60,
                                      clock_ns // 1_000_000 % 1000)
     icount = str(sn["icount"]) if sn.get("icount") is not None else ""
     return "%-9s %-16s %8s%20s%13s%11s" % (sn.get("id", ""), sn.get("name", ""),

@@ -550,3 +550,40 @@ def bdrv_change_backing_file(bs: Any, backing_file: str, backing_fmt: str) -> No
     run_co(bs, img.write_header(h))
     bs.backing_file = backing_file
     bs.backing_format = backing_fmt
+
+
+# -------------------------------------------------------------------------------------------
+# Internal snapshots (engine in .snapshot)
+# -------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def bdrv_snapshot_create(bs: Any, sn_info: dict[str, Any]) -> None:
+    from . import snapshot
+
+    run_co(bs, snapshot.create(bs.opaque.image, sn_info))
+
+
+@hookimpl
+def bdrv_snapshot_goto(bs: Any, snapshot_id: str) -> None:
+    from . import snapshot
+
+    size = run_co(bs, snapshot.goto(bs.opaque.image, snapshot_id))
+    if size != bs.total_bytes:
+        bs.total_bytes = -(-size // 512) * 512
+        for bitmap in bs.dirty_bitmaps:
+            bitmap.resize(bs.total_bytes)
+
+
+@hookimpl
+def bdrv_snapshot_delete(bs: Any, snapshot_id: str | None, name: str | None) -> None:
+    from . import snapshot
+
+    run_co(bs, snapshot.delete(bs.opaque.image, snapshot_id, name))
+
+
+@hookimpl
+def bdrv_snapshot_list(bs: Any) -> list[dict[str, Any]]:
+    from . import snapshot
+
+    return run_co(bs, snapshot.list_snapshots(bs.opaque.image))
