@@ -39,25 +39,18 @@ DATA_DIR = Path(__file__).parent / "data" / "cli"
 _TIMING = re.compile(
     r"[0-9]* ops; [0-9/:. sec]* \([0-9/.inf]* [EPTGMKiBbytes]*/sec and [0-9/.inf]* ops/sec\)"
 )
-_CSV = re.compile(r"^(-?\d+),(\d+),[0-9:.]+,[-0-9.infa]+,[-0-9.infa]+$", re.MULTILINE)
+_CSV = re.compile(r"^(-?\d+),(\d+),[0-9:.]+,[-0-9.infa]+,[-0-9.infa]+$", re.M)
 _BENCH = re.compile(r"Run completed in [0-9.]+ seconds\.")
 
 
-_SNAP_DATE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
-_SNAP_JSON_DATE = re.compile(r'("date-n?sec": )\d+')
-
-
 def normalise_timing(text: str) -> str:
-    """Replace the parts of the output that depend on the clock: qemu-io's and qemu-img
-    bench's timings, and the dates of internal snapshots."""
+    """Replace the parts of qemu-io and qemu-img bench output that depend on the clock."""
     text = _TIMING.sub("X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)", text)
     text = _CSV.sub(r"\1,\2,X,X,X", text)
-    text = _SNAP_DATE.sub("XXXX-XX-XX XX:XX:XX", text)
-    text = _SNAP_JSON_DATE.sub(r"\g<1>X", text)
     return _BENCH.sub("Run completed in X seconds.", text)
 
 
-_DISK_SIZE = re.compile(r"^(disk size: ).*$", re.MULTILINE)
+_DISK_SIZE = re.compile(r"^(disk size: ).*$", re.M)
 _ACTUAL_SIZE = re.compile(r'("actual-size": )\d+')
 
 
@@ -123,7 +116,7 @@ def load_golden(path: Path) -> Golden:
     for raw in text.split("\n")[:-1]:
         kind, rest = raw[:1], raw[1:]
         if kind == "#":
-            comments.append(rest.removeprefix(" "))
+            comments.append(rest[1:] if rest.startswith(" ") else rest)
         elif kind == "%":
             setup.append(rest[1:])
         elif kind == "&":

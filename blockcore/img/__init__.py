@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 130
     except BrokenPipeError:
         status = 1
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a one-line error, never a traceback
         import os
 
         if os.environ.get("BLOCKCORE_DEBUG"):

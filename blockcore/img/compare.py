@@ -8,17 +8,8 @@ from typing import Any
 
 from ..cliutil import CliError, Progress, error_report, strerror
 from ..types import BlockStatusFlags as S
-from .common import (
-    FORCE_SHARE,
-    HELP,
-    IMAGE_OPTS,
-    OBJECT,
-    error_exit,
-    getopts,
-    img_open,
-    out,
-    parse_cache_mode,
-)
+from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, error_exit, getopts, img_open, out
+from .common import parse_cache_mode
 
 __all__ = ["compare_buffers", "find_nonzero", "img_compare"]
 

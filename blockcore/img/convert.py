@@ -16,18 +16,8 @@ from ..cliutil import CliError, Progress, error_report, qemu_strtol, strerror, w
 from ..types import BdrvRequestFlags as F
 from ..types import BlockStatusFlags as S
 from ..types import OpenFlags
-from .common import (
-    FORCE_SHARE,
-    HELP,
-    IMAGE_OPTS,
-    OBJECT,
-    LongOpt,
-    cvtnum,
-    describe_error,
-    getopts,
-    img_open,
-    parse_cache_mode,
-)
+from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, LongOpt, cvtnum, describe_error
+from .common import getopts, img_open, parse_cache_mode
 from .create import accumulate_options
 from .createopts import CreateOpts
 
@@ -378,7 +368,11 @@ def img_convert(argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c == "r":
-            cvtnum("rate limit", arg or "")  # accepted; the copy is not throttled
+            try:
+                rate = cvtnum("rate limit", arg or "")
+            except CliError:
+                raise
+            _ = rate  # accepted; the copy is not throttled
         elif c == "\x02image-opts":
             image_opts = True
         elif c == "\x02salvage":

@@ -102,6 +102,7 @@ class Session:
     # -- opening --------------------------------------------------------------------------
     def openfile(self, name: str | None, flags: OpenFlags, writethrough: bool,
                  force_share: bool, opts: dict[str, Any] | None) -> int:
+        from ..backend import BlockBackend
         from ..img.common import describe_error, warn_probed_raw
 
         if self.blk is not None:
@@ -132,8 +133,8 @@ class Session:
             error_report(f"can't open{where}: Must specify either driver or file")
             return 1
         if "driver" in opts:
-            from ..cliutil import CliError
             from ..img.common import check_driver
+            from ..cliutil import CliError
 
             try:
                 check_driver(str(opts["driver"]))
