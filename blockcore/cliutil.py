@@ -33,9 +33,9 @@ __all__ = [
     "GetoptLong",
     "LongOpt",
     "Progress",
+    "crumple",
     "cvtnum",
     "cvtstr",
-    "crumple",
     "dump_buffer",
     "error_report",
     "flatten",
@@ -854,6 +854,37 @@ def has_help_option(text: str) -> bool:
     except ValueError:
         return False
     return any(k in ("help", "?") for k in opts)
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C: stop long operations between requests, so images stay consistent
+# --------------------------------------------------------------------------------------------
+
+_interrupts = 0
+
+
+def install_sigint_handler() -> None:
+    """First Ctrl-C: remembered, and long loops stop at their next :func:`check_interrupted`
+    (the request in flight completes, images are closed cleanly). Second: immediate."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        global _interrupts
+        _interrupts += 1
+        if _interrupts > 1:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (tests)
+        pass
+
+
+def check_interrupted() -> None:
+    """Stop here (exit status 130) when Ctrl-C was pressed."""
+    if _interrupts:
+        raise CliError(None, 130)
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,9 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv if argv is None else argv)
     if not args:
         args = ["blockcore-img"]
+    from ..cliutil import install_sigint_handler
     from .common import quiet_library_logs
 
     quiet_library_logs()
+    install_sigint_handler()
     try:
         status = _main(args)
     except CliError as exc:
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 130
     except BrokenPipeError:
         status = 1
-    except Exception as exc:  # noqa: BLE001 - a one-line error, never a traceback
+    except Exception as exc:
         import os
 
         if os.environ.get("BLOCKCORE_DEBUG"):

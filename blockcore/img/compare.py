@@ -6,10 +6,19 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..cliutil import CliError, Progress, error_report, strerror
+from ..cliutil import CliError, Progress, check_interrupted, error_report, strerror
 from ..types import BlockStatusFlags as S
-from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, error_exit, getopts, img_open, out
-from .common import parse_cache_mode
+from .common import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    error_exit,
+    getopts,
+    img_open,
+    out,
+    parse_cache_mode,
+)
 
 __all__ = ["compare_buffers", "find_nonzero", "img_compare"]
 
@@ -166,6 +175,7 @@ def _compare(blk1: Any, blk2: Any, filename1: str, filename2: str, quiet: bool, 
     offset = 0
     # the status flags that QEMU compares in strict mode (no EOF/offset details of its own)
     while offset < total:
+        check_interrupted()
         status1, pnum1 = _status(bs1, offset, total1 - offset, filename1)
         status2, pnum2 = _status(bs2, offset, total2 - offset, filename2)
         allocated1 = bool(status1 & S.ALLOCATED)

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import errno
-import sys
 from typing import Any
 
-from ..cliutil import CliError, Progress, error_report, parse_opts, strerror
-from ..types import BdrvRequestFlags as F
+from ..cliutil import CliError, Progress, check_interrupted, error_report, strerror
 from ..types import OpenFlags
-from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, LongOpt, cvtnum, cvtnum_full
-from .common import describe_error, error_exit, getopts, img_open, out, parse_cache_mode
+from .common import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    LongOpt,
+    cvtnum,
+    cvtnum_full,
+    describe_error,
+    error_exit,
+    getopts,
+    img_open,
+    out,
+    parse_cache_mode,
+)
 from .create import accumulate_options
 from .info import full_backing_filename
 
@@ -123,7 +134,7 @@ def _rebase(blk: Any, filename: str, out_baseimg: str | None, out_basefmt: str |
                 except CliError as exc:
                     msg = exc.message or ""
                     prefix = f"Could not open '{real}': "
-                    msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+                    msg = msg.removeprefix(prefix)
                     raise CliError(f"Could not open new backing file '{out_baseimg}': {msg}",
                                    hint=exc.hint) from None
             size = bdrv_getlength(bs)
@@ -132,6 +143,7 @@ def _rebase(blk: Any, filename: str, out_baseimg: str | None, out_basefmt: str |
             local = 100.0 / (size / min(size, IO_BUF_SIZE)) if size else 0.0
             offset = 0
             while offset < size:
+                check_interrupted()
                 n = min(IO_BUF_SIZE, size - offset)
                 try:
                     allocated, n = bdrv_is_allocated(bs, offset, n)
@@ -237,92 +249,117 @@ def img_commit(argv: list[str]) -> int:
     prog = Progress(progress, 1.0)
     prog.print(0, 100)
     try:
-        _commit(blk, filename, base, drop, prog)
+        layers, base_ref = _commit_plan(blk.bs, filename, base)
+    finally:
+        blk.close()
+    try:
+        _commit(layers, base_ref, flags, drop, prog)
     finally:
         prog.end()
-        blk.close()
     if not quiet:
         out("Image committed.\n")
     return 0
 
 
-def _commit(blk: Any, filename: str, base: str | None, drop: bool, prog: Progress) -> None:
-    from ..backend import BlockBackend
-    from ..graph import bdrv_cow_bs
-    from ..io import bdrv_getlength
-    from ..status import bdrv_is_allocated_above
+def _node_ref(bs: Any) -> tuple[str, str]:
+    return bs.filename, bs.drv.name
 
-    bs = blk.bs
-    top_backing = bdrv_cow_bs(bs)
+
+def _commit_plan(bs: Any, filename: str, base: str | None
+                 ) -> tuple[list[tuple[str, str]], tuple[str, str]]:
+    """The layers to copy (top first) and the base to copy into, as (filename, format)."""
+    from ..graph import bdrv_cow_bs
+
+    chain = []
+    node = bs
+    while node is not None:
+        chain.append(node)
+        node = bdrv_cow_bs(node)
     if base is not None:
-        base_bs = top_backing
-        while base_bs is not None and base_bs.filename != base:
-            base_bs = bdrv_cow_bs(base_bs)
-        if base_bs is None:
+        from .info import full_backing_filename
+
+        idx = next((i for i, n in enumerate(chain[1:], 1)
+                    if n.filename in (base, full_backing_filename(bs.filename, base))), None)
+        if idx is None:
             raise CliError(f"Did not find '{base}' in the backing chain of '{filename}'")
     else:
-        base_bs = top_backing
-        if base_bs is None:
+        if len(chain) < 2:
             raise CliError("Image does not have a backing file")
-    from ..graph import bdrv_refresh_perms
+        idx = 1
+    return [_node_ref(n) for n in chain[:idx]], _node_ref(chain[idx])
 
-    # the base must be writable for the commit (QEMU reopens it read-write)
+
+def _commit(layers: list[tuple[str, str]], base: tuple[str, str], cache_flags: OpenFlags,
+            drop: bool, prog: Progress) -> None:
+    """Copy what each layer above ``base`` holds into it, deepest layer first (a commit job
+    without a job: blockcore has no reopen, so each image is opened on its own)."""
+    from ..io import bdrv_getlength
+    from ..status import bdrv_is_allocated
+
+    base_blk = img_open(base[0], base[1], cache_flags | OpenFlags.RDWR | OpenFlags.RESIZE)
     try:
-        _reopen_rw(base_bs)
-        base_blk = BlockBackend.attach(base_bs)
-    except OSError as exc:
-        msg, hint = describe_error(exc)
-        raise CliError(msg, hint=hint) from None
-    try:
-        size = bdrv_getlength(bs)
-        if bdrv_getlength(base_bs) < size:
-            base_blk.truncate(size)
-        offset = 0
-        while offset < size:
-            n = min(IO_BUF_SIZE, size - offset)
-            depth, n = bdrv_is_allocated_above(bs, base_bs, False, offset, n)
-            if depth:
-                data = blk.pread(offset, n)
-                base_blk.pwrite(offset, data)
-            offset += n
-            prog.print(100.0 * offset / size if size else 100, 0)
+        sizes = []
+        tops = []
+        for name, fmt in reversed(layers):
+            tops.append(img_open(name, fmt, OpenFlags.NO_BACKING, force_share=True))
+        try:
+            size = bdrv_getlength(tops[-1].bs)
+            if bdrv_getlength(base_blk.bs) < size:
+                base_blk.truncate(size)
+            total = size * len(tops) or 1
+            done = 0
+            for top in tops:
+                offset = 0
+                while offset < size:
+                    check_interrupted()
+                    n = min(IO_BUF_SIZE, size - offset)
+                    allocated, n = bdrv_is_allocated(top.bs, offset, n)
+                    if not n:
+                        break
+                    if allocated:
+                        base_blk.pwrite(offset, top.pread(offset, n))
+                    offset += n
+                    done += n
+                    prog.print(100.0 * done / total, 0)
+                sizes.append(size)
+        finally:
+            for top in tops:
+                top.close()
         base_blk.flush()
     except OSError as exc:
         raise CliError(f"Block job failed: {strerror(exc.errno or 5)}") from None
     finally:
         base_blk.close()
     if not drop:
-        fn = _hook(bs, "bdrv_make_empty")
-        if fn is not None:
-            try:
-                fn(bs)
-            except OSError as exc:
-                if exc.errno != errno.ENOTSUP:
-                    raise CliError(exc.strerror or strerror(exc.errno)) from None
+        name, fmt = layers[0]
+        top_blk = img_open(name, fmt, OpenFlags.RDWR | OpenFlags.NO_BACKING)
+        try:
+            _make_empty(top_blk)
+        finally:
+            top_blk.close()
     prog.print(100, 0)
-    _ = bdrv_refresh_perms
 
 
-def _reopen_rw(bs: Any) -> None:
-    """Make a backing node writable (QEMU reopens it); without a core reopen, flip the flag
-    and refresh permissions."""
-    from ..graph import bdrv_refresh_perms
-
-    if bs.open_flags & OpenFlags.RDWR:
+def _make_empty(blk: Any) -> None:
+    """``bdrv_make_empty`` (the driver hook; without it the top image stays as it is, and
+    a discard would not do: qcow2 discards read back as zeros, not as the backing file)."""
+    fn = _hook(blk.bs, "bdrv_make_empty")
+    if fn is None:
         return
-    old = bs.open_flags
-    bs.open_flags |= OpenFlags.RDWR
-    for child in bs.children:
-        if not child.bs.open_flags & OpenFlags.RDWR:
-            child.bs.open_flags |= OpenFlags.RDWR
     try:
-        bdrv_refresh_perms(bs)
-    except BaseException:
-        bs.open_flags = old
-        raise
+        fn(blk.bs)
+    except OSError as exc:
+        if exc.errno != errno.ENOTSUP:
+            raise CliError(exc.strerror or strerror(exc.errno)) from None
 
 
 # ---------------------------------------------------------------------------- amend
+#: Options QEMU's drivers can amend (``amend_opts``); other create options are refused.
+AMEND_OPTS = {
+    "qcow2": {"size", "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",
+              "lazy_refcounts", "refcount_bits"},
+}
+
 def img_amend(argv: list[str]) -> int:
     fmt = None
     cache = "writeback"
@@ -368,10 +405,16 @@ def img_amend(argv: list[str]) -> int:
             from .createopts import CreateOpts
 
             copts = CreateOpts(fmt_name, with_protocol=False)
-            try:
-                copts.parse(options)
-            except CliError as exc:
-                raise CliError(exc.message, hint=exc.hint) from None
+            amendable = AMEND_OPTS.get(fmt_name)
+            from ..cliutil import parse_opts as _parse
+
+            for key in _parse(options):
+                if amendable is not None and key not in amendable and not key.startswith(
+                        "encrypt."):
+                    hint = ("This option is only supported for image creation\n"
+                            if copts.has(key) else None)
+                    raise CliError(f"Invalid parameter '{key}'", hint=hint)
+            copts.parse(options)
             prog.print(0, 0)
             try:
                 fn(bs, copts.driver_options(), force)
@@ -570,6 +613,7 @@ def _dd(blk1: Any, in_name: str, out_name: str, out_fmt: str, bsz: int, count: i
             in_pos = skip_bytes
         out_pos = 0
         while in_pos < size:
+            check_interrupted()
             n = min(bsz, size - in_pos)
             try:
                 data = blk1.pread(in_pos, n)
@@ -633,5 +677,3 @@ def img_bitmap(argv: list[str]) -> int:
     finally:
         blk.close()
 
-
-_ = (F, parse_opts, sys)
