@@ -73,17 +73,37 @@ class Parent(Protocol):
 class BdrvChild:
     """An edge from a parent (node or BlockBackend) to the node ``bs``. Tier: GS to change."""
 
-    __slots__ = ("name", "bs", "parent", "role", "perm", "shared_perm", "frozen", "quiesced")
+    __slots__ = ("name", "bs", "parent", "role", "_perm", "_shared", "frozen", "quiesced")
 
     def __init__(self, parent: Parent, bs: BlockDriverState, name: str, role: ChildRole) -> None:
         self.name = name
         self.bs = bs
         self.parent = parent
         self.role = role
-        self.perm = Perm.NONE
-        self.shared_perm = Perm.ALL
+        self._perm = 0
+        self._shared = int(Perm.ALL)
         self.frozen = False
         self.quiesced = False
+
+    # Permissions are kept as plain ints (checked on every write; IntFlag maths is slow);
+    # compare them with Perm members as usual.
+    @property
+    def perm(self) -> int:
+        """Permissions (:class:`Perm` bits) this edge holds on ``bs``."""
+        return self._perm
+
+    @perm.setter
+    def perm(self, value: int) -> None:
+        self._perm = int(value)
+
+    @property
+    def shared_perm(self) -> int:
+        """Permissions (:class:`Perm` bits) this edge lets other users of ``bs`` hold."""
+        return self._shared
+
+    @shared_perm.setter
+    def shared_perm(self, value: int) -> None:
+        self._shared = int(value)
 
     def __repr__(self) -> str:
         return f"<BdrvChild {self.name!r} -> {self.bs.node_name!r}>"
@@ -108,7 +128,7 @@ class BlockDriverState:
         self.drv: BlockDriver | None = drv
         self.opaque: Any = None
         self.options: dict[str, Any] = {}
-        self.open_flags = flags
+        self._open_flags = int(flags)
         self.filename = ""
         self.backing_file = ""
         self.backing_format = ""
@@ -141,10 +161,19 @@ class BlockDriverState:
         self.io_plugged = 0
         self.driver_lock: asyncio.Lock | None = None
         self.dirty_bitmaps: list[Any] = []
-        self.supported_write_flags = drv.descriptor.supported_write_flags
-        self.supported_zero_flags = drv.descriptor.supported_zero_flags
-        self.supported_truncate_flags = drv.descriptor.supported_truncate_flags
+        self.supported_write_flags = int(drv.descriptor.supported_write_flags)
+        self.supported_zero_flags = int(drv.descriptor.supported_zero_flags)
+        self.supported_truncate_flags = int(drv.descriptor.supported_truncate_flags)
         _all_nodes[node_name] = self
+
+    @property
+    def open_flags(self) -> int:
+        """:class:`OpenFlags` bits of the node, kept as a plain int (tested per request)."""
+        return self._open_flags
+
+    @open_flags.setter
+    def open_flags(self, value: int) -> None:
+        self._open_flags = int(value)
 
     # -- parent side of edges to our children (child_of_bds) --------------------------------
 

@@ -70,7 +70,7 @@ def bdrv_is_sg(bs: BlockDriverState) -> bool:
 @api(Tier.IO)
 def bdrv_get_flags(bs: BlockDriverState) -> OpenFlags:
     """The node's open flags. Tier: I/O."""
-    return bs.open_flags
+    return OpenFlags(bs.open_flags)
 
 
 @api(Tier.IO)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .aio import assert_bdrv_graph_readable, co_wrapper
 from .errors import NoMediumError
 from .graph import bdrv_filter_or_cow_bs
-from .io import _enter
+from .io import _call_driver, _enter
 from .tiers import Tier, api
 from .types import BlockStatus
 from .types import BlockStatusFlags as S
@@ -71,7 +71,8 @@ async def bdrv_co_block_status(
     aligned_len = round_up(offset + length, align) - aligned_offset
     bs.in_flight += 1
     try:
-        st = await drv.bdrv_co_block_status(bs, want_zero, aligned_offset, aligned_len)
+        st = await _call_driver(bs, drv.bdrv_co_block_status, want_zero, aligned_offset,
+                                aligned_len)  # fmt: skip
     finally:
         bs.in_flight -= 1
     if st.pnum <= 0 or st.pnum % align and aligned_offset + st.pnum < total:

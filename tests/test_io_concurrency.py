@@ -248,10 +248,6 @@ class GateMemoryDriver(MemoryDriver):
         return await super().bdrv_co_block_status(bs, want_zero, offset, length)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: only read/write/zero/discard/truncate go through "
-                   "io._call_driver; flush_to_os/flush_to_disk and block_status hooks are called "
-                   "directly, so they run concurrently with a write in a SERIALIZE_REQUESTS or "
-                   "SERIALIZE_ALL driver")
 @pytest.mark.parametrize("mode", [Concurrency.SERIALIZE_REQUESTS, Concurrency.SERIALIZE_ALL])
 def test_serialized_driver_gets_one_request_at_a_time(env: Env, mode: Concurrency) -> None:
     from blockcore import status

@@ -211,10 +211,7 @@ def test_node_level_write_past_end_needs_resize_then_grows(env: Env) -> None:
 
 @pytest.mark.parametrize(("offset", "length"), [
     (-1, 512), (0, -1), (BDRV_MAX_LENGTH + 512, 512), (0, BDRV_REQUEST_MAX_BYTES + 512),
-    pytest.param(BDRV_MAX_LENGTH - 256, 512, marks=pytest.mark.xfail(
-        strict=True, reason="core bug: bdrv_co_preadv only runs _check_request when offset > "
-        "BDRV_MAX_LENGTH, so a read crossing BDRV_MAX_LENGTH returns zeros instead of EIO "
-        "(QEMU's bdrv_check_qiov_request: bytes > BDRV_MAX_LENGTH - offset)"),
+    pytest.param(BDRV_MAX_LENGTH - 256, 512,
         id="crosses-max-length"),
 ])  # fmt: skip
 def test_invalid_read_requests_are_eio(env: Env, offset: int, length: int) -> None:

@@ -198,9 +198,9 @@ def test_removable_medium_driver(env: Env) -> None:
     assert run_locked(special.bdrv_co_is_inserted, blk.bs) is True
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: requests on a node whose driver reports no "
-                   "medium (bdrv_co_is_inserted False) still reach the driver; QEMU's "
-                   "bdrv_co_preadv_part/pwritev_part/pdiscard return -ENOMEDIUM")
+# Regression test (core bug found by this suite, fixed in 45bdce2): requests on a node whose
+# driver reports no medium (bdrv_co_is_inserted False) reached the driver; QEMU's
+# bdrv_co_preadv_part/pwritev_part/pdiscard return -ENOMEDIUM
 @pytest.mark.parametrize("op", ["read", "write", "zero", "discard"])
 def test_requests_on_ejected_medium_are_enomedium(env: Env, op: str) -> None:
     media = env.add(FilterDriver(medium=True))
