@@ -226,6 +226,7 @@ async def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
             img.l2_cache.mark_dirty(l2off)
             host_end = max(host_end, new + len(todo) * cs)
             if mode == "full":
+                await img.check_overlap(new, len(todo) * cs)
                 await img.file.pwrite_zeroes(new, len(todo) * cs)
         pos = stop
     await img.flush_metadata()

@@ -111,6 +111,7 @@ async def store(img: Qcow2Image, offset: int, data: bytes) -> None:
         idx = geo.offset_to_l2_index(offset)
         old, old_bitmap = img._entry(l2, idx)
         host = await img.refcounts.alloc_bytes(len(data))
+        await img.check_overlap(host, len(data))
         await img.file.event("write_compressed")
         await img.file.pwrite(host, data)
         await img._link_dependency()

@@ -187,6 +187,11 @@ class Qcow2Image:
             return 0, None
         if off & (self.geo.cluster_size - 1) or off < self.geo.cluster_size:
             raise await self.mark_corrupt(f"L2 table offset {off:#x} invalid (L1 entry {l1_index})")
+        if off not in self.l2_cache.tables:
+            what = self.overlap(off, self.geo.cluster_size, l2=False)
+            if what:
+                raise await self.mark_corrupt(f"L2 table at {off:#x} (L1 entry {l1_index}) "
+                                              f"overlaps {what}")  # fmt: skip
         return off, await self.l2_cache.get(off)
 
     async def lookup(self, offset: int, length: int) -> Run:
@@ -404,11 +409,45 @@ class Qcow2Image:
             if geo.extended_l2:
                 await self._write_inplace_ext(l2off, l2, pos, data)
             else:
+                await self.check_overlap(host0 + geo.offset_into_cluster(pos), len(data))
                 await self.file.event("write_aio")
                 await self.data.pwrite(host0 + geo.offset_into_cluster(pos), data)
             return run_end
         await self._write_alloc(l2off, l2, pos, data, n)
         return run_end
+
+    def overlap(self, host: int, length: int, *, l2: bool = True) -> str | None:
+        """The metadata structure ``[host, host+length)`` overlaps, if any (QEMU's
+        overlap-check "cached" template: header, active L1, refcount table, cached refcount
+        blocks and, with ``l2``, cached L2 tables)."""
+        if self.has_data_file or length <= 0:
+            return None
+        cb = self.geo.cluster_bits
+        first, last = host >> cb, (host + length - 1) >> cb
+        h, rc = self.header, self.refcounts
+        l1a = h.l1_table_offset >> cb
+        l1b = (h.l1_table_offset + 8 * max(1, len(self.l1)) - 1) >> cb
+        rta = rc.table_offset >> cb
+        if first == 0:
+            return "the image header"
+        if first <= l1b and l1a <= last:
+            return "the active L1 table"
+        if first <= rta + rc.table_clusters - 1 and rta <= last:
+            return "the refcount table"
+        l2s, blocks = self.l2_cache.tables, rc.cache.tables
+        for c in range(first, last + 1):
+            if l2 and c << cb in l2s:
+                return "an active L2 table"
+            if c << cb in blocks:
+                return "a refcount block"
+        return None
+
+    async def check_overlap(self, host: int, length: int) -> None:
+        """Refuse a data write into metadata: mark the image corrupt instead."""
+        what = self.overlap(host, length)
+        if what:
+            raise await self.mark_corrupt(f"data write at host offset {host:#x} ({length} "
+                                          f"bytes) would overwrite {what}")  # fmt: skip
 
     def _host(self, entry: int, guest: int) -> int:
         h = entry & L2E_OFFSET_MASK
@@ -437,6 +476,7 @@ class Qcow2Image:
             if cend < b:
                 await self._current(cend, wide[cend - a :])
             wide[pos - a : cend - a] = data[pos - (end - len(data)) : cend - (end - len(data))]
+            await self.check_overlap(host + geo.offset_into_cluster(a), len(wide))
             await self.file.event("write_aio")
             await self.data.pwrite(host + geo.offset_into_cluster(a), wide)
             first = geo.offset_to_sc_index(a)
@@ -463,8 +503,7 @@ class Qcow2Image:
             new = cstart
         else:
             new = await self.refcounts.alloc_clusters(n)
-            if new < cs:
-                raise await self.mark_corrupt("allocation returned the header cluster")
+            await self.check_overlap(new, n * cs)  # refcounts that lie about metadata
         whole = pos == cstart and end == cend
         if whole:
             out = data
