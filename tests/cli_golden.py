@@ -39,18 +39,25 @@ DATA_DIR = Path(__file__).parent / "data" / "cli"
 _TIMING = re.compile(
     r"[0-9]* ops; [0-9/:. sec]* \([0-9/.inf]* [EPTGMKiBbytes]*/sec and [0-9/.inf]* ops/sec\)"
 )
-_CSV = re.compile(r"^(-?\d+),(\d+),[0-9:.]+,[-0-9.infa]+,[-0-9.infa]+$", re.M)
+_CSV = re.compile(r"^(-?\d+),(\d+),[0-9:.]+,[-0-9.infa]+,[-0-9.infa]+$", re.MULTILINE)
 _BENCH = re.compile(r"Run completed in [0-9.]+ seconds\.")
 
 
+_SNAP_DATE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+_SNAP_JSON_DATE = re.compile(r'("date-n?sec": )\d+')
+
+
 def normalise_timing(text: str) -> str:
-    """Replace the parts of qemu-io and qemu-img bench output that depend on the clock."""
+    """Replace the parts of the output that depend on the clock: qemu-io's and qemu-img
+    bench's timings, and the dates of internal snapshots."""
     text = _TIMING.sub("X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)", text)
     text = _CSV.sub(r"\1,\2,X,X,X", text)
+    text = _SNAP_DATE.sub("XXXX-XX-XX XX:XX:XX", text)
+    text = _SNAP_JSON_DATE.sub(r"\g<1>X", text)
     return _BENCH.sub("Run completed in X seconds.", text)
 
 
-_DISK_SIZE = re.compile(r"^(disk size: ).*$", re.M)
+_DISK_SIZE = re.compile(r"^(disk size: ).*$", re.MULTILINE)
 _ACTUAL_SIZE = re.compile(r'("actual-size": )\d+')
 
 
@@ -116,7 +123,7 @@ def load_golden(path: Path) -> Golden:
     for raw in text.split("\n")[:-1]:
         kind, rest = raw[:1], raw[1:]
         if kind == "#":
-            comments.append(rest[1:] if rest.startswith(" ") else rest)
+            comments.append(rest.removeprefix(" "))
         elif kind == "%":
             setup.append(rest[1:])
         elif kind == "&":
@@ -164,14 +171,20 @@ def _env(path_prefix: str | None) -> dict[str, str]:
     return env
 
 
-def run_shell(cmd: str, cwd: Path, path_prefix: str | None = None, timeout: float = 60
+def run_shell(cmd: str, cwd: Path, path_prefix: str | None = None, timeout: float = 30
               ) -> tuple[str, str, int]:
-    proc = subprocess.run(
-        ["bash", "-c", cmd], cwd=cwd, env=_env(path_prefix), capture_output=True,
-        timeout=timeout, stdin=subprocess.DEVNULL,
-    )
-    return (proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"),
-            proc.returncode)
+    """Run ``cmd``; a command still running after ``timeout`` is killed and reported as
+    ``TIMEOUT`` with status -1 (the rest of the script still runs)."""
+    proc = subprocess.Popen(["bash", "-c", cmd], cwd=cwd, env=_env(path_prefix),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return out.decode(errors="replace"), f"TIMEOUT after {timeout} s\n", -1
+    return out.decode(errors="replace"), err.decode(errors="replace"), proc.returncode
 
 
 def replay(g: Golden, workdir: Path, path_prefix: str | None,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cli_golden import DATA_DIR, capture, dump_golden  # noqa: E402
+from cli_golden import DATA_DIR, capture, dump_golden
 
 S, B, C = "%", "&", "$"
 
@@ -390,6 +390,74 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-io -r -c 'read 0 512' a.qcow2"),
         (C, "qemu-io -r -U -c 'read 0 512' a.qcow2"),
     ],
+    "img-snapshot": [
+        q("qemu-img create -f qcow2 a.qcow2 1M"),
+        q("qemu-img create -f raw r.raw 1M"),
+        q("qemu-io -c 'write -P 1 0 64k' a.qcow2"),
+        (C, "qemu-img snapshot -l a.qcow2"),
+        (C, "qemu-img snapshot -c s1 a.qcow2"),
+        q("qemu-io -c 'write -P 2 0 64k' a.qcow2"),
+        (C, "qemu-img snapshot -c s2 a.qcow2"),
+        (C, "qemu-img snapshot -q -c s2 a.qcow2"),
+        (C, "qemu-img snapshot -l a.qcow2"),
+        (C, "qemu-img info a.qcow2"),
+        (C, "qemu-img info --output=json a.qcow2"),
+        (C, "qemu-img snapshot -a s1 a.qcow2"),
+        (C, "qemu-io -c 'read -P 1 0 64k' a.qcow2"),
+        (C, "qemu-img snapshot -a 2 a.qcow2"),
+        (C, "qemu-io -c 'read -P 2 0 64k' a.qcow2"),
+        (C, "qemu-img snapshot -a nope a.qcow2"),
+        (C, "qemu-img snapshot -d nope a.qcow2"),
+        (C, "qemu-img snapshot -d 2 a.qcow2"),
+        (C, "qemu-img snapshot -d s1 a.qcow2"),
+        (C, "qemu-img snapshot -l a.qcow2"),
+        (C, "qemu-img check a.qcow2"),
+        (C, "qemu-img snapshot -l -c x a.qcow2"),
+        (C, "qemu-img snapshot a.qcow2"),
+        (C, "qemu-img snapshot -l r.raw"),
+        (C, "qemu-img snapshot -f raw -c s1 r.raw"),
+        (C, "qemu-img snapshot -c s1 r.raw"),
+        (C, "qemu-img snapshot -a s1 r.raw"),
+        (C, "qemu-img snapshot -d s1 r.raw"),
+    ],
+    "img-rebase-commit": [
+        q("qemu-img create -f raw b1.raw 1M"),
+        q("qemu-io -f raw -c 'write -P 1 0 64k' -c 'write -P 3 128k 64k' b1.raw"),
+        q("qemu-img create -f raw b2.raw 1M"),
+        q("qemu-io -f raw -c 'write -P 3 128k 64k' b2.raw"),
+        q("qemu-img create -f qcow2 -b b1.raw -F raw t.qcow2"),
+        q("qemu-io -c 'write -P 2 64k 64k' t.qcow2"),
+        (C, "qemu-img rebase -b b2.raw t.qcow2"),
+        (C, "qemu-img rebase -b b2.raw -F raw t.qcow2"),
+        (C, "qemu-img info t.qcow2 | grep backing"),
+        (C, "qemu-img map --output=json t.qcow2"),
+        (C, "qemu-io -c 'read -P 1 0 64k' -c 'read -P 2 64k 64k' -c 'read -P 3 128k 64k' t.qcow2"),
+        (C, "qemu-img rebase -u -b b1.raw -F raw t.qcow2"),
+        (C, "qemu-img info t.qcow2 | grep backing"),
+        (C, "qemu-img rebase -u -b '' t.qcow2"),
+        (C, "qemu-img info t.qcow2 | grep backing"),
+        (C, "qemu-img rebase -b nonexist -F raw t.qcow2"),
+        (C, "qemu-img rebase -F bogus -b b1.raw t.qcow2"),
+        (C, "qemu-img rebase -p -b b1.raw -F raw t.qcow2"),
+        (C, "qemu-img map --output=json t.qcow2"),
+        (C, "qemu-img commit t.qcow2"),
+        (C, "qemu-io -f raw -c 'read -P 1 0 64k' -c 'read -P 2 64k 64k' b1.raw"),
+        (C, "qemu-img map --output=json t.qcow2"),
+        (C, "qemu-img commit -q -d t.qcow2"),
+        (C, "qemu-img commit -b nonexist t.qcow2"),
+        (C, "qemu-img commit b1.raw"),
+        (C, "qemu-img amend -o lazy_refcounts=on t.qcow2"),
+        (C, "qemu-img info t.qcow2 | grep lazy"),
+        (C, "qemu-img amend -o bogus=1 t.qcow2"),
+        (C, "qemu-img amend -o cluster_size=4k t.qcow2"),
+        (C, "qemu-img amend -f raw -o size=2M b1.raw"),
+        (C, "qemu-img dd if=b1.raw of=d.raw bs=4k count=4"),
+        (C, "qemu-img info d.raw | head -3"),
+        (C, "qemu-img dd -O qcow2 if=b1.raw of=d.qcow2 skip=2 bs=64k"),
+        (C, "qemu-img info d.qcow2 | head -3"),
+        (C, "qemu-img dd if=b1.raw of=d2.raw skip=100 bs=64k"),
+        (C, "qemu-img dd if=b1.raw of=d3.raw bs=0"),
+    ],
     # ---------------------------------------------------------------- qemu-io
     "io-rw": [
         q("qemu-img create -f qcow2 s.qcow2 4M"),
@@ -525,9 +593,13 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (S, "touch empty.conf"),
         (S, "printf '[inject-error]\\nevent = \"read_aio\"\\nerrno = \"28\"\\nsector = \"0\"\\n' > err.conf"),
         (S, "printf '[inject-error]\\nevent = \"l2_update\"\\nerrno = \"5\"\\nonce = \"on\"\\n' > l2.conf"),
+        # (a second aio_write while A is suspended would race A's completion, in QEMU too)
         (C, "qemu-io -c 'break write_aio A' -c 'aio_write -P 0x11 0 4k' -c 'wait_break A' "
-            "-c 'aio_write -P 0x22 64k 4k' -c 'resume A' -c 'aio_flush' "
-            "-c 'read -P 0x11 0 4k' -c 'read -P 0x22 64k 4k' blkdebug:empty.conf:bd.qcow2"),
+            "-c 'read -P 0 64k 4k' -c 'resume A' -c 'aio_flush' "
+            "-c 'read -P 0x11 0 4k' blkdebug:empty.conf:bd.qcow2"),
+        (C, "qemu-io -c 'break write_aio B' -c 'aio_write -P 0x22 64k 4k' -c 'wait_break B' "
+            "-c 'remove_break B' -c 'aio_flush' -c 'read -P 0x22 64k 4k' "
+            "blkdebug:empty.conf:bd.qcow2"),
         (C, "qemu-io -c 'break bogus A' -c 'resume A' -c 'remove_break A' blkdebug:empty.conf:bd.qcow2"),
         (C, "qemu-io -c 'break write_aio A' -c 'remove_break A' -c 'remove_break A' blkdebug:empty.conf:bd.qcow2"),
         (C, "qemu-io -f raw -c 'read 0 512' -c 'read 512 512' blkdebug:err.conf:bd.raw"),
