@@ -252,3 +252,28 @@ def test_copy_range_through_windows(tmp_path: Path) -> None:
         run(go())
         assert dst.pread(0, MiB) == data
     assert dst_path.read_bytes()[4096 : 4096 + MiB] == data
+
+
+def test_debug_events_reach_the_child() -> None:
+    from blockcore.graph import BlockDriverState
+    from blockcore.testing import MemoryDriver
+
+    class EventDriver(MemoryDriver):
+        events: list[str]
+
+        @hookimpl
+        async def bdrv_co_debug_event(self, bs: BlockDriverState, event: str) -> None:
+            self.events.append(event)
+
+    drv = EventDriver("memevents")
+    drv.events = []
+    drv.register()
+    try:
+        with BlockBackend.open(None, {"driver": "raw", "file": {"driver": "memevents",
+                                                                "size": MiB}}, RW) as blk:  # fmt: skip
+            blk.pwrite(0, b"e" * 512)
+            blk.pread(0, 512)
+        assert "write_aio" in drv.events and "read_aio" in drv.events  # as QEMU's raw sends
+        assert drv.events.index("write_aio") < drv.events.index("read_aio")
+    finally:
+        drv.unregister()

@@ -198,7 +198,17 @@ async def bdrv_co_preadv(
         offset = _adjust(bs, offset, length, False)
     if flags:  # (IntFlag arithmetic costs ~1 us: skip it for the usual flags=0)
         flags &= ~F.COPY_ON_READ  # it stays here: the file below has no backing to copy from
-    await io.bdrv_co_preadv(bs.file, offset, length, buf, flags)  # type: ignore[arg-type]
+    child = bs.file
+    if _wants_events(child):
+        await io.bdrv_co_debug_event(child.bs, "read_aio")  # type: ignore[union-attr]
+    await io.bdrv_co_preadv(child, offset, length, buf, flags)  # type: ignore[arg-type]
+
+
+def _wants_events(child: BdrvChild | None) -> bool:
+    """Whether the child's driver takes debug events (blkdebug): QEMU's raw sends read_aio
+    and write_aio; asking first keeps the common path free of the extra coroutine."""
+    drv = child.bs.drv if child is not None else None
+    return drv is not None and drv.bdrv_co_debug_event is not None  # type: ignore[attr-defined]
 
 
 async def _check_probed_write(bs: BlockDriverState, offset: int, buf: memoryview) -> None:
@@ -229,7 +239,10 @@ async def bdrv_co_pwritev(
         await _check_probed_write(bs, offset, buf)
     if st.window:
         offset = _adjust(bs, offset, length, True)
-    await io.bdrv_co_pwritev(bs.file, offset, length, buf, flags)  # type: ignore[arg-type]
+    child = bs.file
+    if _wants_events(child):
+        await io.bdrv_co_debug_event(child.bs, "write_aio")  # type: ignore[union-attr]
+    await io.bdrv_co_pwritev(child, offset, length, buf, flags)  # type: ignore[arg-type]
 
 
 @hookimpl
