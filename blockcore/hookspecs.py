@@ -536,7 +536,7 @@ async def bdrv_co_copy_range_from(
     write_flags: BdrvRequestFlags,
 ) -> None:
     """Map the source range of ``bs`` (= ``src.bs``) to a child and continue the copy there
-    with :func:`blockcore.io.bdrv_co_copy_range_from`, or perform it if ``bs`` is a leaf.
+    with :func:`blockcore.special.bdrv_co_copy_range_from`, or perform it if ``bs`` is a leaf.
 
     Tier: I/O. Optional: else copy_range is "not supported" (never emulated by the core).
     """

@@ -396,6 +396,10 @@ def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] 
         for node, state, _old in prepared:
             if node.drv.bdrv_reopen_commit is not None:  # type: ignore[union-attr]
                 node.drv.bdrv_reopen_commit(node, state)  # type: ignore[union-attr]
+        # limits may change with the new flags (cache.direct brings O_DIRECT alignment);
+        # children first, so parents merge the new values
+        for node, _state, _old in reversed(prepared):
+            bdrv_refresh_limits(node)
     finally:
         bdrv_drained_end(bs)
 

@@ -69,8 +69,6 @@ def test_open_without_a_medium(fake, co) -> None:
         assert exc.value.errno == errno.ENOMEDIUM
 
 
-@pytest.mark.xfail(reason="core: BlockBackend checks no medium before its EOF check "
-                   "(QEMU's blk_check_byte_request asks bdrv_is_inserted); reported", strict=False)
 def test_backend_read_without_a_medium_says_no_medium(fake) -> None:
     fake.add("/dev/sr0", FakeCdrom(None))
     with _open() as blk, pytest.raises(NoMediumError):
@@ -110,6 +108,23 @@ def test_eject_unlocks_the_door_this_node_locked(fake, drive, co) -> None:
     requests = [r for r, _ in fake.calls]
     lock_calls = [i for i, r in enumerate(requests) if r == io_.CDROM_LOCKDOOR]
     assert requests.index(io_.CDROMEJECT) > lock_calls[1]  # unlocked, then ejected
+
+
+def test_eject_lock_and_medium_pass_through_raw(fake, drive, co) -> None:
+    """A drive opened with no driver named gets raw on top; raw hands the removable-media
+    calls to host_cdrom (QEMU's raw_eject/raw_lock_medium)."""
+    with BlockBackend.open("/dev/sr0", {}, OpenFlags.NONE) as blk:
+        bs = blk.bs
+        assert bs.drv.name == "raw" and bs.file.bs.drv.name == "host_cdrom"
+        co(bdrv_co_lock_medium(bs, True))
+        assert drive.door_locked
+        co(bdrv_co_eject(bs, True))
+        assert drive.tray_open and not drive.door_locked
+        assert co(bdrv_co_is_inserted(bs)) is False
+        with pytest.raises(NoMediumError):
+            blk.pread(0, 512)
+        co(bdrv_co_eject(bs, False))
+        assert blk.pread(0, 16) == DISC[:16]
 
 
 def test_eject_refused_while_another_user_holds_the_door(fake, drive, co) -> None:

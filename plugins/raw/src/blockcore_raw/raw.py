@@ -289,6 +289,31 @@ async def bdrv_co_getlength(bs: BlockDriverState) -> int:
     return available if st.size is None else min(st.size, available)
 
 
+# Removable media and ioctls belong to the device below (QEMU's raw_eject, raw_lock_medium,
+# raw_co_ioctl): pass them to the file child.
+
+
+@hookimpl
+async def bdrv_co_eject(bs: BlockDriverState, eject_flag: bool) -> None:
+    assert bs.file is not None
+    await special.bdrv_co_eject(bs.file.bs, eject_flag)
+
+
+@hookimpl
+async def bdrv_co_lock_medium(bs: BlockDriverState, locked: bool) -> None:
+    assert bs.file is not None
+    await special.bdrv_co_lock_medium(bs.file.bs, locked)
+
+
+@hookimpl
+async def bdrv_co_ioctl(bs: BlockDriverState, req: int, buf: Any) -> int:
+    assert bs.file is not None
+    st = _state(bs)
+    if st.offset or st.size is not None:
+        raise NotSupportedError("ioctl not supported on a raw window", bs.filename)
+    return await special.bdrv_co_ioctl(bs.file.bs, req, buf)
+
+
 @hookimpl
 async def bdrv_co_get_info(bs: BlockDriverState) -> BlockDriverInfo:
     assert bs.file is not None
