@@ -8,8 +8,20 @@ from typing import Any
 
 from ..cliutil import CliError, qemu_strtol
 from ..types import OpenFlags
-from .common import FORCE_SHARE, HELP, IMAGE_OPTS, LongOpt, cvtnum, cvtnum_full, error_exit
-from .common import getopts, img_open, out, parse_aio, parse_cache_mode
+from .common import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    LongOpt,
+    cvtnum,
+    cvtnum_full,
+    error_exit,
+    getopts,
+    img_open,
+    out,
+    parse_aio,
+    parse_cache_mode,
+)
 
 __all__ = ["img_bench"]
 

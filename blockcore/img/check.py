@@ -9,8 +9,20 @@ from typing import Any
 from ..aio import co_wrapper
 from ..cliutil import CliError, error_report, strerror
 from ..types import BdrvCheckMode, BdrvCheckResult, OpenFlags
-from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, OUTPUT, LongOpt, error_exit, getopts
-from .common import img_open, out, parse_cache_mode, parse_output
+from .common import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    OUTPUT,
+    LongOpt,
+    error_exit,
+    getopts,
+    img_open,
+    out,
+    parse_cache_mode,
+    parse_output,
+)
 from .output import check_human, check_json, check_repaired_human, image_check
 
 __all__ = ["img_check", "run_check"]

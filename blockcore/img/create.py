@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..cliutil import CliError, is_valid_option_list
 from ..types import OpenFlags
-from .common import HELP, OBJECT, LongOpt, cvtnum, describe_error, error_exit, getopts, out
+from .common import HELP, OBJECT, cvtnum, describe_error, error_exit, getopts, out
 from .createopts import CreateOpts, option_help
 from .info import full_backing_filename
 
@@ -178,5 +176,3 @@ def _create(fmt: str, filename: str, opts: CreateOpts) -> None:
         msg, hint = describe_error(exc)
         raise CliError(msg, hint=hint) from None
 
-
-_ = (Any, LongOpt)

@@ -8,8 +8,20 @@ from typing import Any
 from ..cliutil import CliError, error_report, strerror
 from ..types import BlockStatusFlags as S
 from ..types import OpenFlags
-from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, OUTPUT, LongOpt, cvtnum, error_exit
-from .common import getopts, img_open, out, parse_output
+from .common import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    OUTPUT,
+    LongOpt,
+    cvtnum,
+    error_exit,
+    getopts,
+    img_open,
+    out,
+    parse_output,
+)
 from .output import map_entries_mergeable, map_entry_human, map_entry_json, map_header_human
 
 __all__ = ["get_block_status", "img_map"]

@@ -7,8 +7,17 @@ from typing import Any
 
 from ..cliutil import CliError, error_report
 from ..types import BlockMeasureInfo, OpenFlags
-from .common import FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, OUTPUT, LongOpt, cvtnum, getopts
-from .common import img_open, out
+from .common import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    OUTPUT,
+    LongOpt,
+    cvtnum,
+    img_open,
+    out,
+)
 from .create import accumulate_options
 from .createopts import CreateOpts
 from .output import measure_human, measure_json

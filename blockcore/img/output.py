@@ -23,8 +23,8 @@ __all__ = [
     "map_header_human",
     "measure_human",
     "measure_json",
-    "snapshot_line",
     "snapshot_header",
+    "snapshot_line",
 ]
 
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from ..cliutil import CliError, qemu_strtosz, warn_report
 from ..types import OpenFlags, PreallocMode
-from .common import HELP, IMAGE_OPTS, OBJECT, LongOpt, describe_error, error_exit, getopts
-from .common import img_open, out
+from .common import (
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    LongOpt,
+    describe_error,
+    error_exit,
+    getopts,
+    img_open,
+    out,
+)
 
 __all__ = ["img_resize"]
 

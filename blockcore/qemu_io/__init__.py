@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 1
     except SystemExit as exc:
         status = int(exc.code or 0)
-    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+    except Exception as exc:
         if os.environ.get("BLOCKCORE_DEBUG"):
             raise
         error_report(f"{type(exc).__name__}: {exc}")
@@ -213,8 +213,7 @@ def command_loop(s: object, cmdline: list[str]) -> int:
         line = stdin.readline()
         if not line:
             break
-        if line.endswith("\n"):
-            line = line[:-1]
+        line = line.removesuffix("\n")
         ret = s.command(line)
         if ret < 0:
             last_error = ret

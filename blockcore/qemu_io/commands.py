@@ -282,11 +282,6 @@ _REOPEN_GENERIC = {"read-only", "auto-read-only", "cache.direct", "cache.no-flus
 
 
 def reopen_f(s: Session, argv: list[str]) -> int:
-    from ..backend import BlockBackend
-    from ..cliutil import flatten
-
-    assert s.open_args is not None
-    name, old_opts, old_flags = s.open_args
     flags = s.blk.bs.open_flags
     writethrough = s.writethrough
     has_rw = has_cache = False
@@ -332,22 +327,28 @@ def reopen_f(s: Session, argv: list[str]) -> int:
         if key not in known and key not in _REOPEN_GENERIC:
             error_report(f"Cannot change the option '{key}'")
             return -errno.EINVAL
-    merged = dict(old_opts)
-    merged.update(new_opts)
-    # blockcore has no bdrv_reopen yet: close the graph and open it again with the new flags
     s.drain()
-    s.blk.close()
-    s.blk = None
-    try:
-        s.blk = BlockBackend.open(name, flatten(merged), flags)
-        s.open_args = (name, merged, flags)
-    except (OSError, ValueError) as exc:
-        from ..img.common import describe_error
+    from ..img.common import describe_error
+    from ..lifecycle import bdrv_reopen
 
+    bs = s.blk.bs
+    try:
+        if has_rw or "read-only" in new_opts:
+            read_only = not flags & OpenFlags.RDWR
+            if "read-only" in new_opts:
+                read_only = new_opts.pop("read-only") in ("on", "true", "yes")
+            if read_only != (not bs.open_flags & OpenFlags.RDWR):
+                s.blk.reopen(read_only)
+        rest_flags = (flags & ~OpenFlags.RDWR) | (bs.open_flags & OpenFlags.RDWR)
+        if new_opts or rest_flags != bs.open_flags:
+            bdrv_reopen(bs, rest_flags, new_opts)
+    except (OSError, ValueError) as exc:
         msg, hint = describe_error(exc)
         error_report(msg, hint)
-        s.blk = BlockBackend.open(name, flatten(old_opts), old_flags)
         return -errno.EINVAL
+    if s.open_args is not None:
+        name, old_opts, _old_flags = s.open_args
+        s.open_args = (name, {**old_opts, **new_opts}, bs.open_flags)
     s.writethrough = writethrough
     return 0
 

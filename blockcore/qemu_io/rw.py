@@ -5,12 +5,10 @@ from __future__ import annotations
 import errno
 import sys
 import time
-from typing import Any
 
-from ..cliutil import cvtnum, cvtstr, dump_buffer, io_report, strerror
-from ..types import BDRV_REQUEST_MAX_BYTES
+from ..cliutil import cvtnum, dump_buffer, io_report, strerror
+from ..types import BDRV_REQUEST_MAX_BYTES, Perm
 from ..types import BdrvRequestFlags as F
-from ..types import Perm
 from .state import Command, Session, register, usage
 
 SECTOR = 512
@@ -568,5 +566,3 @@ register(Command("flush", flush_f, 0, 0, None, "flush all in-core file state to 
 DISCARD = register(Command("discard", discard_f, 2, -1, "[-Cq] off len",
                            "discards a number of bytes at a specified offset", altname="d",
                            perm=Perm.WRITE))
-
-_ = (cvtstr, Any)

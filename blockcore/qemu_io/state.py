@@ -102,7 +102,6 @@ class Session:
     # -- opening --------------------------------------------------------------------------
     def openfile(self, name: str | None, flags: OpenFlags, writethrough: bool,
                  force_share: bool, opts: dict[str, Any] | None) -> int:
-        from ..backend import BlockBackend
         from ..img.common import describe_error, warn_probed_raw
 
         if self.blk is not None:
@@ -133,8 +132,8 @@ class Session:
             error_report(f"can't open{where}: Must specify either driver or file")
             return 1
         if "driver" in opts:
-            from ..img.common import check_driver
             from ..cliutil import CliError
+            from ..img.common import check_driver
 
             try:
                 check_driver(str(opts["driver"]))
