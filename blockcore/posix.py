@@ -170,6 +170,12 @@ def _forget_pool() -> None:
 
 os.register_at_fork(after_in_child=_forget_pool)
 
+
+async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking call (an ioctl such as BLKDISCARD or SG_IO) in the engine's thread pool
+    and return its result; the event loop goes on meanwhile. Tier: I/O."""
+    return await _get_pool().run(fn, *args)
+
 # -------------------------------------------------------------------------------------------
 # Blocking helpers (run in pool threads, or inline where they cannot block)
 # -------------------------------------------------------------------------------------------

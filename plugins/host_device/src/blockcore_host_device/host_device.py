@@ -3,7 +3,6 @@ file-posix ``hdev_*``), on :mod:`blockcore.posix`'s engine. ``host_cdrom`` reuse
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import mmap
@@ -84,10 +83,8 @@ def state(bs: BlockDriverState) -> DeviceState:
 
 
 async def blocking(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run a blocking device call (SG_IO, BLKDISCARD, BLKZEROOUT) off the event loop."""
-    # blockcore.posix keeps its thread pool private; a thread of asyncio's default executor
-    # does the same job until posix exports its pool (reported)
-    return await asyncio.to_thread(fn, *args)
+    """Run a blocking device call (SG_IO, BLKDISCARD, BLKZEROOUT) in the engine's pool."""
+    return await posix.run_blocking(fn, *args)
 
 
 @hookimpl
