@@ -345,7 +345,7 @@ def img_convert(argv: list[str]) -> int:
     cache, src_cache = "unsafe", "writeback"
     options: str | None = None
     image_opts = skip_create = progress = tgt_image_opts = force_share = False
-    explicit_min_sparse = bitmaps = False
+    explicit_min_sparse = bitmaps = skip_broken = False
     s = ConvertState()
     longopts = [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE,
                 LongOpt("target-image-opts", 0, "\x02target-image-opts"),
@@ -413,6 +413,8 @@ def img_convert(argv: list[str]) -> int:
             s.has_zero_init = True
         elif c == "\x02bitmaps":
             bitmaps = True
+        elif c == "\x02skip-broken-bitmaps":
+            skip_broken = True
     if not out_fmt and not tgt_image_opts:
         out_fmt = "raw"
     if s.compressed and s.copy_range:
@@ -453,7 +455,7 @@ def img_convert(argv: list[str]) -> int:
     try:
         _convert(s, operands[:-1], out_filename or "", fmt, out_fmt, out_baseimg, backing_fmt,
                  options, cache, src_flags, image_opts, tgt_image_opts, skip_create,
-                 force_share, snapshot_name, bitmaps)
+                 force_share, snapshot_name, bitmaps, skip_broken)
         ok = True
     except _Failed:
         return 1
@@ -466,6 +468,41 @@ def img_convert(argv: list[str]) -> int:
         for blk in s.src:
             blk.close()
     return 0
+
+
+def _supports_bitmaps(bs: Any) -> bool:
+    """``bdrv_supports_persistent_dirty_bitmap``."""
+    drv = getattr(bs, "drv", None)
+    return drv is not None and drv.bdrv_co_can_store_new_dirty_bitmap is not None
+
+
+def _copy_bitmaps(src: Any, dst: Any, skip_broken: bool) -> None:
+    """``convert_copy_bitmaps``: every persistent bitmap of ``src``, contents included."""
+    from .. import dirty_bitmap as dbm
+
+    for bm in list(src.dirty_bitmaps):
+        if not bm.persistent or bm.name is None:
+            continue
+        if bm.inconsistent:
+            if skip_broken:
+                warn_report(f"Skipping inconsistent bitmap '{bm.name}'")
+                continue
+            raise CliError(f"Cannot copy inconsistent bitmap '{bm.name}'",
+                           hint="Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' "
+                                "to delete it\n")
+        try:
+            new = dbm.bdrv_create_dirty_bitmap(dst, bm.granularity, bm.name)
+            new.persistent = True
+            if bm.disabled:
+                dbm.bdrv_disable_dirty_bitmap(new)
+        except (OSError, ValueError) as exc:
+            msg, hint = describe_error(exc)
+            raise CliError(f"Failed to create bitmap {bm.name}: {msg}", hint=hint) from None
+        try:
+            dbm.bdrv_merge_dirty_bitmap(new, bm)
+        except (OSError, ValueError) as exc:
+            msg, hint = describe_error(exc)
+            raise CliError(f"Failed to populate bitmap {bm.name}: {msg}", hint=hint) from None
 
 
 def _can_compress(fmt: str) -> bool:
@@ -482,7 +519,7 @@ def _convert(s: ConvertState, sources: list[str], out_filename: str, fmt: str | 
              out_fmt: str | None, out_baseimg: str | None, backing_fmt: str | None,
              options: str | None, cache: str, src_flags: OpenFlags, image_opts: bool,
              tgt_image_opts: bool, skip_create: bool, force_share: bool,
-             snapshot_name: str | None, bitmaps: bool) -> None:
+             snapshot_name: str | None, bitmaps: bool, skip_broken: bool = False) -> None:
     from ..io import bdrv_nb_sectors
 
     for name in sources:
@@ -541,7 +578,10 @@ def _convert(s: ConvertState, sources: list[str], out_filename: str, fmt: str | 
             if prealloc and prealloc != "off":
                 raise CliError("Compression and preallocation not supported at the same time")
     if bitmaps:
-        raise CliError("Source lacks bitmap support")
+        if len(sources) > 1:
+            raise CliError("Copying bitmaps only possible with single source")
+        if not _supports_bitmaps(s.src[0].bs):
+            raise CliError("Source lacks bitmap support")
     if not skip_create:
         assert opts is not None and out_fmt is not None
         from ..special import bdrv_create
@@ -561,6 +601,8 @@ def _convert(s: ConvertState, sources: list[str], out_filename: str, fmt: str | 
     s.target = img_open(out_filename, out_fmt if not tgt_image_opts else None, flags | cache_flags,
                         image_opts=tgt_image_opts)
     out_bs = s.target.bs
+    if bitmaps and not _supports_bitmaps(out_bs):
+        raise CliError(f"Format driver '{out_bs.drv.name}' does not support bitmaps")
     if s.compressed and not _can_compress(out_bs.drv.name):
         raise CliError("Compression not supported for this file format")
     s.buf_sectors = min(MAX_BUF_SECTORS, max(s.buf_sectors, out_bs.bl.opt_transfer // SECTOR,
@@ -597,6 +639,8 @@ def _convert(s: ConvertState, sources: list[str], out_filename: str, fmt: str | 
         if s.compressed:
             raise CliError("could not get block driver info") from None
     convert_do_copy(s)
+    if bitmaps:
+        _copy_bitmaps(s.src[0].bs, out_bs, skip_broken)
     try:
         s.target.flush()
     except OSError as exc:

@@ -512,6 +512,9 @@ def _snapshot(bs: Any, action: str | None, name: str) -> None:
                 err = exc.errno or errno.EIO
         raise CliError(f"Could not create snapshot '{name}': -{err} ({strerror(err)})")
     elif action == "a":
+        if bs.dirty_bitmaps:  # bdrv_snapshot_goto refuses before anything else
+            raise CliError(f"Could not apply snapshot '{name}': Device has active dirty "
+                           "bitmaps")
         node = _snapshot_node(bs, "bdrv_snapshot_goto")
         if node is None:
             from ..graph import bdrv_primary_child
@@ -669,11 +672,83 @@ def img_bitmap(argv: list[str]) -> int:
     rest = g.argv[g.optind:]
     if len(rest) != 2:
         raise CliError("Expecting filename and bitmap name")
-    blk = img_open(rest[0], fmt, OpenFlags.RDWR, image_opts=image_opts)
+    filename, bitmap = rest
+    blk = img_open(filename, fmt, OpenFlags.RDWR, image_opts=image_opts)
+    src_blk = None
     try:
-        op = actions[0][0]
-        raise CliError(f"Operation {op} on bitmap {rest[1]} failed: Block format "
-                       f"'{blk.bs.drv.name}' does not support persistent dirty bitmaps")
+        src_bs = blk.bs
+        if src_filename:
+            src_blk = img_open(src_filename, src_fmt, OpenFlags.NONE)
+            src_bs = src_blk.bs
+        for act, arg in actions:
+            try:
+                _bitmap_action(blk.bs, act, bitmap, arg, granularity, src_bs)
+            except (OSError, ValueError) as exc:
+                msg, hint = describe_error(exc)
+                raise CliError(f"Operation {act} on bitmap {bitmap} failed: {msg}",
+                               hint=hint) from None
     finally:
+        if src_blk is not None:
+            src_blk.close()
         blk.close()
+    return 0
 
+
+def _default_granularity(bs: Any) -> int:
+    """``bdrv_get_default_bitmap_granularity``."""
+    from ..info import bdrv_get_info
+
+    try:
+        cluster = bdrv_get_info(bs).cluster_size
+    except OSError:
+        cluster = 0
+    return min(65536, max(4096, cluster)) if cluster else 65536
+
+
+def _lookup_bitmap(bs: Any, name: str) -> Any:
+    from ..dirty_bitmap import bdrv_find_dirty_bitmap
+    from ..errors import BlockError
+
+    bitmap = bdrv_find_dirty_bitmap(bs, name)
+    if bitmap is None:
+        raise BlockError(errno.ENOENT, f"Dirty bitmap '{name}' not found")
+    return bitmap
+
+
+def _bitmap_action(bs: Any, act: str, name: str, arg: str | None, granularity: int,
+                   src_bs: Any) -> None:
+    """qemu-img bitmap's actions, as the QMP block-dirty-bitmap-* commands do them."""
+    from .. import dirty_bitmap as dbm
+    from ..errors import BlockError, NotSupportedError
+
+    if act == "add":
+        if not name:
+            raise BlockError(errno.EINVAL, "Bitmap name cannot be empty")
+        gran = granularity or _default_granularity(bs)
+        if gran < 512 or gran & (gran - 1):
+            raise BlockError(errno.EINVAL, "Granularity must be power of 2 and at least 512")
+        if dbm.bdrv_find_dirty_bitmap(bs, name) is not None:
+            raise BlockError(errno.EEXIST, f"Bitmap already exists: {name}")
+        from ..special import bdrv_can_store_new_dirty_bitmap
+
+        try:
+            bdrv_can_store_new_dirty_bitmap(bs, name, gran)
+        except NotSupportedError:
+            raise BlockError(errno.ENOTSUP, f"Can't store persistent bitmaps to {bs.node_name}: "
+                                         f"{strerror(errno.ENOTSUP)}") from None
+        bitmap = dbm.bdrv_create_dirty_bitmap(bs, gran, name)
+        bitmap.persistent = True
+    elif act == "remove":
+        bitmap = _lookup_bitmap(bs, name)
+        if bitmap.persistent:
+            dbm.bdrv_remove_persistent_dirty_bitmap(bs, name)
+        dbm.bdrv_release_dirty_bitmap(bitmap)
+    elif act == "clear":
+        dbm.bdrv_clear_dirty_bitmap(_lookup_bitmap(bs, name))
+    elif act == "enable":
+        dbm.bdrv_enable_dirty_bitmap(_lookup_bitmap(bs, name))
+    elif act == "disable":
+        dbm.bdrv_disable_dirty_bitmap(_lookup_bitmap(bs, name))
+    elif act == "merge":
+        dest = _lookup_bitmap(bs, name)
+        dbm.bdrv_merge_dirty_bitmap(dest, _lookup_bitmap(src_bs, arg or ""))
