@@ -67,3 +67,5 @@ class MemFile:
 
     async def event(self, name: str) -> None:
         self.events.append(name)
+
+    wants_events = True

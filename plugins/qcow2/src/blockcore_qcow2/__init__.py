@@ -2,6 +2,6 @@
 
 Modules: ``format`` (on-disk layouts), ``cluster`` (offset helpers, L2 decoding), ``cache``
 (metadata table cache), ``refcount`` (refcounts, allocation, check), ``image`` (mapping,
-reads, allocating writes), ``clusterops`` (zero writes, discard, resize), ``compress``
-(compressed clusters), ``driver`` (the hooks).
+reads, writes, fast paths), ``alloc`` (allocating writes), ``clusterops`` (zero writes,
+discard, resize), ``compress`` (compressed clusters), ``driver`` (the hooks).
 """

@@ -27,6 +27,10 @@ class ImageFile(Protocol):
     async def truncate(self, length: int) -> None: ...
     async def event(self, name: str) -> None: ...
 
+    @property
+    def wants_events(self) -> bool:
+        """Whether :meth:`event` does anything (lets hot paths skip the call)."""
+
 
 class TableCache:
     """Up to ``capacity`` tables of ``table_size`` bytes, keyed by host offset."""

@@ -1,4 +1,5 @@
-"""Mapping changes without guest data: zero writes, discard, resize and preallocation.
+"""Mapping changes without guest data: zero writes, discard, resize, preallocation and L1
+growth.
 
 Mirrors QEMU's qcow2_cluster_zeroize/qcow2_cluster_discard (qcow2-cluster.c) and
 qcow2_co_truncate/preallocate_co (qcow2.c). Each entry point takes the image lock itself.
@@ -6,16 +7,25 @@ qcow2_co_truncate/preallocate_co (qcow2.c). Each entry point takes the image loc
 
 from __future__ import annotations
 
+import errno
+import struct
 from typing import TYPE_CHECKING
 
 import attrs
 
-from blockcore.errors import NotSupportedError
+from blockcore.errors import BlockError, NotSupportedError
 
 from .cluster import ClusterType as CT
 from .cluster import SubclusterType as ST
 from .cluster import cluster_type
-from .format import L1E_OFFSET_MASK, L2_BITMAP_ALL_ZERO, L2E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO
+from .format import (
+    L1E_OFFSET_MASK,
+    L2_BITMAP_ALL_ZERO,
+    L2E_OFFSET_MASK,
+    MAX_L1_SIZE,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+)
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
@@ -73,7 +83,7 @@ async def discard(img: Qcow2Image, offset: int, length: int) -> None:
 
 
 async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: bool,
-                           discard: bool) -> None:  # fmt: skip
+                          discard: bool) -> None:  # fmt: skip
     geo = img.geo
     cs = geo.cluster_size
     ss = geo.subcluster_size
@@ -232,3 +242,32 @@ async def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
     await img.flush_metadata()
     if host_end and await img.file.getlength() < host_end:
         await img.file.truncate(host_end)
+
+
+async def grow_l1(img: Qcow2Image, min_size: int) -> None:
+    """Move the L1 table to a larger one (qcow2_grow_l1_table)."""
+    if min_size <= len(img.l1):
+        return
+    new_size = max(min_size, len(img.l1) * 3 // 2)
+    if new_size * 8 > MAX_L1_SIZE:
+        new_size = min_size
+    if new_size * 8 > MAX_L1_SIZE:
+        raise BlockError(errno.EFBIG, f"L1 table of {new_size} entries too large",
+                         img.file.name)  # fmt: skip
+    cs = img.geo.cluster_size
+    nbytes = new_size * 8
+    await img.file.event("l1_grow_alloc_table")
+    new_off = await img.refcounts.alloc_clusters(-(-nbytes // cs))
+    # The refcounts of the new table must be on disk before the header names it.
+    await img.flush_metadata()
+    new_l1 = img.l1 + [0] * (new_size - len(img.l1))
+    await img.file.event("l1_grow_write_table")
+    await img.file.pwrite(new_off, struct.pack(f">{new_size}Q", *new_l1))
+    await img.file.flush()
+    await img.file.event("l1_grow_activate_table")
+    old_off, old_size = img.header.l1_table_offset, len(img.l1)
+    await img.write_header(attrs.evolve(img.header, l1_table_offset=new_off,
+                                        l1_size=new_size))  # fmt: skip
+    img.l1 = new_l1
+    if old_size:
+        await img.refcounts.update(old_off, old_size * 8, -1)

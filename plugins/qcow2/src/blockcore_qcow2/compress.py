@@ -90,35 +90,51 @@ async def write_clusters(img: Qcow2Image, offset: int, length: int, buf: memoryv
     jobs = [loop.run_in_executor(pool, _compress_many, chunks[i : i + per], ctype)
             for i in range(0, len(chunks), per)]  # fmt: skip
     results = [c for part in await asyncio.gather(*jobs) for c in part]
-    for i, comp in enumerate(results):
+    i = 0
+    while i < len(results):
         pos = i * cs
-        if comp is None:
+        if results[i] is None:  # did not shrink: a normal write, as QEMU does
             await img.write(offset + pos, buf[pos : min(length, pos + cs)])
-        else:
-            await store(img, offset + pos, comp)
+            i += 1
+            continue
+        j = i + 1
+        while j < len(results) and results[j] is not None:
+            j += 1
+        await store(img, offset + pos, results[i:j])  # type: ignore[arg-type]
+        i = j
 
 
-async def store(img: Qcow2Image, offset: int, data: bytes) -> None:
-    """Store one compressed stream as the cluster at ``offset`` (qcow2_alloc_compressed_
-    cluster_offset + the L2 update); the old mapping's reference is dropped."""
+async def store(img: Qcow2Image, offset: int, streams: list[bytes]) -> None:
+    """Store compressed streams as the clusters from ``offset`` on (qcow2_alloc_compressed_
+    cluster_offset + the L2 updates); old mappings drop their references. The byte
+    allocator packs consecutive streams, so they usually reach the file in one write."""
     geo = img.geo
+    cs = geo.cluster_size
     async with img.lock:
         await img.ensure_writable()
         if img.has_data_file:
             raise NotSupportedError("compressed writes are not supported with a data file",
                                     img.file.name)  # fmt: skip
-        l2off, l2 = await img._l2_for_write(geo.offset_to_l1_index(offset))
-        idx = geo.offset_to_l2_index(offset)
-        old, old_bitmap = img._entry(l2, idx)
-        host = await img.refcounts.alloc_bytes(len(data))
-        await img.check_overlap(host, len(data))
-        await img.file.event("write_compressed")
-        await img.file.pwrite(host, data)
+        hosts = [await img.refcounts.alloc_bytes(len(data)) for data in streams]
+        k = 0
+        while k < len(streams):  # one write per contiguous group
+            m, end = k + 1, hosts[k] + len(streams[k])
+            while m < len(streams) and hosts[m] == end:
+                end += len(streams[m])
+                m += 1
+            await img.check_overlap(hosts[k], end - hosts[k])
+            await img.file.event("write_compressed")
+            await img.file.pwrite(hosts[k], streams[k] if m == k + 1 else b"".join(streams[k:m]))
+            k = m
         await img._link_dependency()
-        await img.file.event("l2_update_compressed")
-        img._set_entry(l2, idx, encode_compressed(host, len(data), geo.cluster_bits), 0)
-        img.l2_cache.mark_dirty(l2off)
-        await img._free_entry(old, old_bitmap)
+        for k, data in enumerate(streams):
+            l2off, l2 = await img._l2_for_write(geo.offset_to_l1_index(offset + k * cs))
+            idx = geo.offset_to_l2_index(offset + k * cs)
+            old, old_bitmap = img._entry(l2, idx)
+            await img.file.event("l2_update_compressed")
+            img._set_entry(l2, idx, encode_compressed(hosts[k], len(data), geo.cluster_bits), 0)
+            img.l2_cache.mark_dirty(l2off)
+            await img._free_entry(old, old_bitmap)
 
 
 async def read_cluster(img: Qcow2Image, entry: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+from collections.abc import Coroutine
 from typing import Any
 
 import attrs
@@ -47,12 +48,13 @@ class ChildFile:
         self.child = child
         self.name = name
 
-    async def pread(self, offset: int, buf: memoryview) -> None:
-        await io.bdrv_co_preadv(self.child, offset, len(buf), buf)
+    def pread(self, offset: int, buf: memoryview) -> Coroutine[Any, Any, None]:
+        return io.bdrv_co_preadv(self.child, offset, len(buf), buf)  # no extra frame
 
-    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview
+               ) -> Coroutine[Any, Any, None]:  # fmt: skip
         view = memoryview(data)
-        await io.bdrv_co_pwritev(self.child, offset, view.nbytes, view)
+        return io.bdrv_co_pwritev(self.child, offset, view.nbytes, view)
 
     async def pwrite_zeroes(self, offset: int, length: int) -> None:
         await io.bdrv_co_pwrite_zeroes(self.child, offset, length, F.NONE)
@@ -71,6 +73,11 @@ class ChildFile:
 
     async def event(self, name: str) -> None:
         await io.bdrv_co_debug_event(self.child.bs, name)
+
+    @property
+    def wants_events(self) -> bool:
+        drv = self.child.bs.drv
+        return drv is not None and drv.bdrv_co_debug_event is not None
 
 
 class BackendFile:
@@ -118,6 +125,8 @@ class BackendFile:
 
     async def event(self, name: str) -> None:
         pass
+
+    wants_events = False
 
 
 @attrs.define(eq=False)
@@ -371,6 +380,8 @@ async def bdrv_co_pdiscard(bs: Any, offset: int, length: int) -> None:
 
 @hookimpl
 async def bdrv_co_flush_to_os(bs: Any) -> None:
+    if bs.opaque is None:
+        return  # bdrv_open failed before setting up the image
     img: Qcow2Image = bs.opaque.image
     if not img.read_only:
         async with img.lock:

@@ -16,9 +16,8 @@ import attrs
 import zstandard
 
 from blockcore.errors import BlockError, ImageCorruptError
-from blockcore.util import aligned_buffer
 
-from . import clusterops, compress
+from . import alloc, clusterops, compress
 from .cache import ImageFile, TableCache
 from .cluster import ClusterType as CT
 from .cluster import Geometry, SubclusterType, cluster_type, subcluster_run
@@ -26,7 +25,6 @@ from .cluster import SubclusterType as ST
 from .format import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
-    L2_BITMAP_ALL_ALLOC,
     L2E_COMPRESSED_OFFSET_SIZE_MASK,
     L2E_OFFSET_MASK,
     L2E_STD_RESERVED_MASK,
@@ -81,6 +79,15 @@ class Qcow2Image:
         self.corrupt = bool(header.incompatible_features & Incompat.CORRUPT)
         self.dirty = bool(header.incompatible_features & Incompat.DIRTY)
         self._zstd_d: zstandard.ZstdDecompressor | None = None
+        # Plain ints for the lock-free fast paths (Geometry's properties cost a call each).
+        g = self.geo
+        self._cb = g.cluster_bits
+        self._l1_shift = g.cluster_bits + g.l2_bits
+        self._l2_mask = g.l2_size - 1
+        self._fast = not g.extended_l2 and not self.has_data_file
+        #: bits a valid NORMAL entry never has: reserved, zero, compressed, sub-cluster offset
+        self._not_normal = 0xFFFFFFFFFFFFFFFF & ~(OFLAG_COPIED | L2E_OFFSET_MASK) | (cs - 1)
+        self._l2_tables = self.l2_cache.tables
 
     # ================================================================== open / header
 
@@ -259,8 +266,62 @@ class Qcow2Image:
 
     # ================================================================== read
 
+    def _cached_host(self, offset: int, length: int, write: bool) -> int | None:
+        """Lock-free mapping from the L2 cache (no await, so atomic for other coroutines):
+        the host offset when the whole range sits in one run of contiguous valid NORMAL
+        clusters (COPIED ones, for a write), -1 when a read of it is all zeros, None when
+        the locked slow path must decide (uncached table, other types, anything odd)."""
+        if not self._fast:
+            return None
+        sh = self._l1_shift
+        end = offset + length
+        l1i = offset >> sh
+        if (end - 1) >> sh != l1i:
+            return None
+        zeros = -1 if not write and self.backing is None else None
+        if l1i >= len(self.l1):
+            return zeros
+        e = self.l1[l1i]
+        l2off = e & L1E_OFFSET_MASK
+        if e & L1E_RESERVED_MASK or not l2off:
+            return None if e & L1E_RESERVED_MASK else zeros
+        table = self._l2_tables.get(l2off)
+        if table is None or write and not e & OFLAG_COPIED:
+            return None
+        self._l2_tables.move_to_end(l2off)
+        cb = self._cb
+        i = (offset >> cb) & self._l2_mask
+        n = ((end - 1) >> cb) - (offset >> cb) + 1
+        entries = struct.unpack_from(f">{n}Q", table, i << 3)
+        first = entries[0]
+        if first & self._not_normal or not first & L2E_OFFSET_MASK:
+            if zeros is None:
+                return None
+            for entry in entries:  # unallocated or zero clusters (plain or allocated)
+                if entry and (not entry & OFLAG_ZERO or entry & (self._not_normal ^ OFLAG_ZERO)):
+                    return None
+            return zeros
+        if write and not first & OFLAG_COPIED:
+            return None
+        step = 1 << cb
+        expect = first
+        for entry in entries[1:]:
+            expect += step
+            if entry != expect:
+                return None
+        return (first & L2E_OFFSET_MASK) + (offset & (step - 1))
+
     async def read(self, offset: int, buf: memoryview) -> None:
         """Read guest bytes; the range may pass the virtual size only up to the node end."""
+        host = self._cached_host(offset, len(buf), False)
+        if host is not None:
+            if host < 0:
+                buf[:] = bytes(len(buf))
+                return
+            if self.file.wants_events:
+                await self.file.event("read_aio")
+            await self.data.pread(host, buf)
+            return
         pos, end = 0, len(buf)
         while pos < end:
             async with self.lock:
@@ -368,6 +429,16 @@ class Qcow2Image:
     # ================================================================== write
 
     async def write(self, offset: int, buf: memoryview) -> None:
+        if not (self.read_only or self.corrupt or self.lazy_refcounts and not self.dirty):
+            # In place into allocated COPIED clusters: no metadata changes, so no lock (as
+            # qcow2_co_pwritev_task runs its data I/O outside s->lock)
+            host = self._cached_host(offset, len(buf), True)
+            if host is not None and self.overlap(host, len(buf)) is None:
+                if self.file.wants_events:
+                    await self.file.event("pwritev")
+                    await self.file.event("write_aio")
+                await self.data.pwrite(host, buf)
+                return
         async with self.lock:
             await self.ensure_writable()
             await self.file.event("pwritev")
@@ -407,13 +478,13 @@ class Qcow2Image:
         data = buf[pos - offset : run_end - offset]
         if inplace:
             if geo.extended_l2:
-                await self._write_inplace_ext(l2off, l2, pos, data)
+                await alloc.write_inplace_ext(self, l2off, l2, pos, data)
             else:
                 await self.check_overlap(host0 + geo.offset_into_cluster(pos), len(data))
                 await self.file.event("write_aio")
                 await self.data.pwrite(host0 + geo.offset_into_cluster(pos), data)
             return run_end
-        await self._write_alloc(l2off, l2, pos, data, n)
+        await alloc.write_alloc(self, l2off, l2, pos, data, n)
         return run_end
 
     def overlap(self, host: int, length: int, *, l2: bool = True) -> str | None:
@@ -455,82 +526,6 @@ class Qcow2Image:
             return self.geo.start_of_cluster(guest)
         return h
 
-    async def _write_inplace_ext(self, l2off: int, l2: bytearray, pos: int,
-                                 data: memoryview) -> None:  # fmt: skip
-        """Extended L2, allocated clusters: widen to subcluster bounds (copying what the
-        subclusters read as now), write, then mark the subclusters allocated."""
-        geo = self.geo
-        ss = geo.subcluster_size
-        end = pos + len(data)
-        cstart = geo.start_of_cluster(pos)
-        while pos < end:
-            cend = min(end, geo.start_of_cluster(pos) + geo.cluster_size)
-            idx = geo.offset_to_l2_index(pos)
-            entry, bitmap = self._entry(l2, idx)
-            host = self._host(entry, pos)
-            a = pos - pos % ss
-            b = -(-cend // ss) * ss
-            wide = aligned_buffer(b - a)
-            if a < pos:
-                await self._current(a, wide[: pos - a])
-            if cend < b:
-                await self._current(cend, wide[cend - a :])
-            wide[pos - a : cend - a] = data[pos - (end - len(data)) : cend - (end - len(data))]
-            await self.check_overlap(host + geo.offset_into_cluster(a), len(wide))
-            await self.file.event("write_aio")
-            await self.data.pwrite(host + geo.offset_into_cluster(a), wide)
-            first = geo.offset_to_sc_index(a)
-            count = (b - a) // ss
-            mask = ((1 << count) - 1) << first
-            new_bitmap = (bitmap | mask) & ~(mask << 32)
-            if new_bitmap != bitmap:
-                self._set_entry(l2, idx, entry, new_bitmap)
-                self.l2_cache.mark_dirty(l2off)
-            pos = cend
-        del cstart
-
-    async def _write_alloc(self, l2off: int, l2: bytearray, pos: int, data: memoryview,
-                           n: int) -> None:  # fmt: skip
-        """Allocate ``n`` new clusters, fill them with COW data around ``data``, then point
-        the L2 entries at them and drop the old references (qcow2_alloc_cluster_link_l2)."""
-        geo = self.geo
-        cs = geo.cluster_size
-        cstart = geo.start_of_cluster(pos)
-        end = pos + len(data)
-        cend = cstart + n * cs
-        idx = geo.offset_to_l2_index(pos)
-        if self.has_data_file:
-            new = cstart
-        else:
-            new = await self.refcounts.alloc_clusters(n)
-            await self.check_overlap(new, n * cs)  # refcounts that lie about metadata
-        whole = pos == cstart and end == cend
-        if whole:
-            out = data
-        else:
-            outbuf = aligned_buffer(cend - cstart)
-            if pos > cstart:
-                await self.file.event("cow_read")
-                await self._current(cstart, outbuf[: pos - cstart])
-            if end < cend:
-                await self.file.event("cow_read")
-                await self._current(end, outbuf[end - cstart :])
-            outbuf[pos - cstart : end - cstart] = data
-            out = outbuf
-            await self.file.event("cow_write")
-        await self.file.event("write_aio")
-        await self.data.pwrite(new, out)
-        await self._link_dependency()
-        old = []
-        for k in range(n):
-            entry, bitmap = self._entry(l2, idx + k)
-            old.append((entry, bitmap))
-            self._set_entry(l2, idx + k, (new + k * cs) | OFLAG_COPIED,
-                            L2_BITMAP_ALL_ALLOC if geo.extended_l2 else 0)  # fmt: skip
-        self.l2_cache.mark_dirty(l2off)
-        for entry, bitmap in old:
-            await self._free_entry(entry, bitmap)
-
     # ================================================================== zero / discard / resize
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
@@ -570,38 +565,13 @@ class Qcow2Image:
 
     async def grow_l1(self, min_size: int) -> None:
         """Move the L1 table to a larger one (qcow2_grow_l1_table)."""
-        if min_size <= len(self.l1):
-            return
-        new_size = max(min_size, len(self.l1) * 3 // 2)
-        if new_size * 8 > MAX_L1_SIZE:
-            new_size = min_size
-        if new_size * 8 > MAX_L1_SIZE:
-            raise BlockError(errno.EFBIG, f"L1 table of {new_size} entries too large",
-                             self.file.name)  # fmt: skip
-        cs = self.geo.cluster_size
-        nbytes = new_size * 8
-        await self.file.event("l1_grow_alloc_table")
-        new_off = await self.refcounts.alloc_clusters(-(-nbytes // cs))
-        # The refcounts of the new table must be on disk before the header names it.
-        await self.flush_metadata()
-        new_l1 = self.l1 + [0] * (new_size - len(self.l1))
-        await self.file.event("l1_grow_write_table")
-        await self.file.pwrite(new_off, struct.pack(f">{new_size}Q", *new_l1))
-        await self.file.flush()
-        await self.file.event("l1_grow_activate_table")
-        old_off, old_size = self.header.l1_table_offset, len(self.l1)
-        await self.write_header(attrs.evolve(self.header, l1_table_offset=new_off,
-                                             l1_size=new_size))  # fmt: skip
-        self.l1 = new_l1
-        if old_size:
-            await self.refcounts.update(old_off, old_size * 8, -1)
-
+        await clusterops.grow_l1(self, min_size)
 
     # ================================================================== compressed
 
     async def write_compressed(self, offset: int, data: bytes) -> None:
         """Store an already compressed cluster at cluster-aligned ``offset``."""
-        await compress.store(self, offset, data)
+        await compress.store(self, offset, [data])
 
 
 async def read_header(file: ImageFile) -> QCowHeader:
