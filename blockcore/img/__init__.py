@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                        "[--object objectdef] [--image-opts | -f fmt] filename bitmap"),
     "check": ("check", "check [--object objectdef] [--image-opts] [-q] [-f fmt] "
                        "[--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename"),
-    "commit": ("misc", "commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] "
+    "commit": ("rebase", "commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] "
                        "[-b base] [-r rate_limit] [-d] [-p] filename"),
     "compare": ("compare", "compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] "
                            "[-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2"),
@@ -53,9 +53,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "measure": ("measure", "measure [--output=ofmt] [-O output_fmt] [-o options] "
                            "[--size N | [--object objectdef] [--image-opts] [-f fmt] "
                            "[-l snapshot_param] filename]"),
-    "snapshot": ("misc", "snapshot [--object objectdef] [--image-opts] [-U] [-q] "
+    "snapshot": ("snapshot", "snapshot [--object objectdef] [--image-opts] [-U] [-q] "
                          "[-l | -a snapshot | -c snapshot | -d snapshot] filename"),
-    "rebase": ("misc", "rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] "
+    "rebase": ("rebase", "rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] "
                        "[-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] "
                        "filename"),
     "resize": ("resize", "resize [--object objectdef] [--image-opts] [-f fmt] "

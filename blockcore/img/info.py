@@ -95,7 +95,7 @@ def collect_image_info(bs: Any, filename: str | None = None) -> dict[str, Any]:
 
 def _snapshots(bs: Any) -> list[dict[str, Any]]:
     """Internal snapshots (``bdrv_snapshot_list``, falling back to the primary child)."""
-    from .misc import snapshot_list
+    from .snapshot import snapshot_list
 
     try:
         return snapshot_list(bs)

@@ -1,0 +1,133 @@
+"""``blockcore-img snapshot``: internal snapshots through the driver's snapshot hooks."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from ..cliutil import CliError, strerror
+from ..types import OpenFlags
+from .common import (
+    FORCE_SHARE,
+    HELP,
+    IMAGE_OPTS,
+    OBJECT,
+    describe_error,
+    error_exit,
+    getopts,
+    img_open,
+    out,
+)
+
+__all__ = ["img_snapshot", "snapshot_list"]
+
+def _snapshot_node(bs: Any, hook: str) -> Any:
+    """The node that handles snapshots: ``bs``, else its primary child (QEMU's fallback)."""
+    from ..graph import bdrv_primary_child
+
+    node = bs
+    while node is not None and node.drv is not None:
+        if getattr(node.drv, hook, None) is not None:
+            return node
+        child = bdrv_primary_child(node)
+        node = child.bs if child is not None else None
+    return None
+
+
+def snapshot_list(bs: Any) -> list[dict[str, Any]]:
+    node = _snapshot_node(bs, "bdrv_snapshot_list")
+    if node is None:
+        return []
+    return list(node.drv.bdrv_snapshot_list(node))
+
+
+def _drained(bs: Any, fn: Any, *args: Any) -> Any:
+    from ..drain import bdrv_drained_begin, bdrv_drained_end
+
+    bdrv_drained_begin(bs)
+    try:
+        return fn(*args)
+    finally:
+        bdrv_drained_end(bs)
+
+
+def img_snapshot(argv: list[str]) -> int:
+    action = None
+    name: str | None = None
+    image_opts = force_share = False
+    opts, g = getopts(argv, ":la:c:d:hqU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
+    for c, arg in opts:
+        if c in "lacd":
+            if action:
+                raise error_exit("Cannot mix '-l', '-a', '-c', '-d'")
+            action, name = c, arg
+        elif c == "U":
+            force_share = True
+        elif c == "\x02image-opts":
+            image_opts = True
+    rest = g.argv[g.optind:]
+    if len(rest) != 1:
+        raise error_exit("Expecting one image file name")
+    flags = OpenFlags.NONE if action == "l" else OpenFlags.RDWR
+    blk = img_open(rest[0], None, flags, image_opts=image_opts, force_share=force_share)
+    try:
+        _snapshot(blk.bs, action, name or "")
+    finally:
+        blk.close()
+    return 0
+
+
+def _snapshot(bs: Any, action: str | None, name: str) -> None:
+    import time
+
+    if action == "l":
+        snaps = snapshot_list(bs)
+        if snaps:
+            from .output import snapshot_header, snapshot_line
+
+            out("Snapshot list:\n" + snapshot_header() + "\n")
+            for sn in snaps:
+                out(snapshot_line(sn) + "\n")
+    elif action == "c":
+        now = time.time_ns()
+        sn = {"id": "", "name": name, "vm-state-size": 0, "date-sec": now // 1_000_000_000,
+              "date-nsec": now // 1000 % 1_000_000 * 1000, "vm-clock-sec": 0,
+              "vm-clock-nsec": 0, "icount": 0}
+        node = _snapshot_node(bs, "bdrv_snapshot_create")
+        err = errno.ENOTSUP
+        if node is not None:
+            try:
+                _drained(node, node.drv.bdrv_snapshot_create, node, sn)
+                return
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+        raise CliError(f"Could not create snapshot '{name}': -{err} ({strerror(err)})")
+    elif action == "a":
+        if bs.dirty_bitmaps:  # bdrv_snapshot_goto refuses before anything else
+            raise CliError(f"Could not apply snapshot '{name}': Device has active dirty "
+                           "bitmaps")
+        node = _snapshot_node(bs, "bdrv_snapshot_goto")
+        if node is None:
+            from ..graph import bdrv_primary_child
+            from .common import warn_probed_raw
+
+            if bdrv_primary_child(bs) is not None:
+                # QEMU closes and reopens the format around its fallback: raw warns again
+                warn_probed_raw(bs, OpenFlags.RDWR)
+            raise CliError(f"Could not apply snapshot '{name}': Block driver does not support "
+                           "snapshots")
+        try:
+            _drained(node, node.drv.bdrv_snapshot_goto, node, name)
+        except OSError as exc:
+            raise CliError(f"Could not apply snapshot '{name}': Failed to load snapshot: "
+                           f"{strerror(exc.errno or 5)}") from None
+    elif action == "d":
+        found = next((sn for sn in snapshot_list(bs) if sn.get("name") == name), None)
+        node = _snapshot_node(bs, "bdrv_snapshot_delete")
+        if found is None or node is None:
+            raise CliError(f"Could not delete snapshot '{name}': snapshot not found")
+        try:
+            _drained(node, node.drv.bdrv_snapshot_delete, node, found.get("id"), name)
+        except OSError as exc:
+            msg, hint = describe_error(exc)
+            raise CliError(f"Could not delete snapshot '{name}': {msg}", hint=hint) from None
