@@ -83,14 +83,53 @@ def print_help() -> None:
         "",
         "Command parameters:",
         "  'filename' is a disk image filename",
+        "  'objectdef' is a QEMU user creatable object definition (accepted and ignored)",
         "  'fmt' is the disk image format. It is guessed automatically in most cases",
+        "  'cache' is the cache mode used to write the output disk image, the valid",
+        "    options are: 'none', 'writeback' (default, except for convert), 'writethrough',",
+        "    'directsync' and 'unsafe' (default for convert)",
+        "  'src_cache' is the cache mode used to read input disk images, the valid",
+        "    options are the same as for the 'cache' option",
         "  'size' is the disk image size in bytes. Optional suffixes",
         "    'k' or 'K' (kilobyte, 1024), 'M' (megabyte, 1024k), 'G' (gigabyte, 1024M),",
         "    'T' (terabyte, 1024G), 'P' (petabyte, 1024T) and 'E' (exabyte, 1024P)  are",
         "    supported. 'b' is ignored.",
+        "  'output_filename' is the destination disk image filename",
+        "  'output_fmt' is the destination format",
+        "  'options' is a comma separated list of format specific options in a",
+        "    name=value format. Use -o help for an overview of the options supported by",
+        "    the used format",
+        "  'snapshot_param' is param used for internal snapshot, format",
+        "    is 'snapshot.id=[ID],snapshot.name=[NAME]', or",
+        "    '[ID_OR_NAME]'",
+        "  '-c' indicates that target image must be compressed (qcow format only)",
+        "  '-u' allows unsafe backing chains. For rebasing, it is assumed that old and",
+        "       new backing file match exactly. The image doesn't need a working",
+        "       backing file before rebasing in this case (useful for renaming the",
+        "       backing file). For image creation, allow creating without attempting",
+        "       to open the backing file.",
+        "  '-h' with or without a command shows this help and lists the supported formats",
         "  '-p' show progress of command (only certain commands)",
         "  '-q' use Quiet mode - do not print any output (except errors)",
+        "  '-S' indicates the consecutive number of bytes (defaults to 4k) that must",
+        "       contain only zeros for qemu-img to create a sparse image during",
+        "       conversion. If the number of bytes is 0, the source will not be scanned for",
+        "       unallocated or zero sectors, and the destination image will always be",
+        "       fully allocated",
         "  '--output' takes the format in which the output must be done (human or json)",
+        "  '-n' skips the target volume creation (useful if the volume is created",
+        "       prior to running qemu-img)",
+        "",
+        "Parameters to check subcommand:",
+        "  '-r' tries to repair any inconsistencies that are found during the check.",
+        "       '-r leaks' repairs only cluster leaks, whereas '-r all' fixes all",
+        "       kinds of errors, with a higher risk of choosing the wrong fix or",
+        "       hiding corruption that has already occurred.",
+        "",
+        "Parameters to compare subcommand:",
+        "  '-f' first image format",
+        "  '-F' second image format",
+        "  '-s' run in Strict mode - fail on different image size or sector allocation",
         "",
     ]
     try:
@@ -99,7 +138,9 @@ def print_help() -> None:
         formats = sorted(bdrv_list_drivers())
     except Exception:  # noqa: BLE001 - help must not fail
         formats = []
-    sys.stdout.write("\n".join(lines) + "\nSupported formats: " + " ".join(formats) + "\n")
+    sys.stdout.write("\n".join(lines) + "\nSupported formats: " + " ".join(formats) + "\n\n"
+                     "Each format is a blockcore driver plugin (blockcore-raw, blockcore-qcow2, "
+                     "...).\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -173,6 +173,29 @@ def describe_error(exc: BaseException) -> tuple[str, str | None]:
     return f"{type(exc).__name__}: {exc}", hint
 
 
+#: QEMU 7.2's formats; the blockcore distribution that provides (or would provide) each.
+QEMU_FORMATS = {
+    "raw": "blockcore-raw", "file": "blockcore-raw", "qcow2": "blockcore-qcow2",
+    "blkdebug": "blockcore-blkdebug", "host_device": "blockcore-host-device",
+    "host_cdrom": "blockcore-host-device",
+    **{name: f"blockcore-{name}" for name in (
+        "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+        "copy-on-read", "dmg", "ftp", "ftps", "gluster", "http", "https", "iscsi", "iser",
+        "luks", "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow",
+        "qed", "quorum", "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi",
+        "vhdx", "vmdk", "vpc", "vvfat")},
+}  # fmt: skip
+
+
+def missing_package_hint(name: str) -> str | None:
+    """A hint naming the distribution to install when ``name`` is a QEMU format that no
+    installed blockcore driver provides (None for names QEMU does not know either)."""
+    package = QEMU_FORMATS.get(name)
+    if package is None:
+        return None
+    return f"The '{name}' format needs the {package} distribution, which is not installed.\n"
+
+
 def _driver_message(text: str) -> str:
     import re
 
@@ -225,7 +248,8 @@ def check_driver(fmt: str | None) -> None:
     try:
         bdrv_find_format(fmt)
     except DriverNotFoundError as exc:
-        raise CliError(_driver_message(exc.strerror or f"driver '{fmt}'")) from None
+        raise CliError(_driver_message(exc.strerror or f"driver '{fmt}'"),
+                       hint=missing_package_hint(fmt)) from None
 
 
 def img_open(filename: str, fmt: str | None = None, flags: OpenFlags = OpenFlags.NONE,
@@ -239,7 +263,8 @@ def img_open(filename: str, fmt: str | None = None, flags: OpenFlags = OpenFlags
     try:
         check_driver(fmt)
     except CliError as exc:
-        raise CliError(f"Could not open '{what or filename}': {exc.message}") from None
+        raise CliError(f"Could not open '{what or filename}': {exc.message}",
+                       hint=exc.hint) from None
     try:
         blk = BlockBackend.open(name, flatten(opts), flags)
     except Exception as exc:  # noqa: BLE001 - reported as QEMU does, never a traceback
@@ -249,11 +274,50 @@ def img_open(filename: str, fmt: str | None = None, flags: OpenFlags = OpenFlags
     return blk
 
 
+#: Magic numbers of QEMU formats (offset, bytes), to name a driver package that is missing.
+_MAGICS = [
+    ("vmdk", 0, b"KDMV"), ("vmdk", 0, b"COWD"), ("vdi", 0x40, b"\x7f\x10\xda\xbe"),
+    ("vhdx", 0, b"vhdxfile"), ("vpc", 0, b"conectix"), ("qed", 0, b"QED\x00"),
+    ("parallels", 0, b"WithoutFreeSpace"), ("parallels", 0, b"WithouFreSpacExt"),
+    ("bochs", 0, b"Bochs Virtual HD Image"), ("cloop", 0, b"#!/bin/sh\n#V2.0 Format"),
+    ("qcow", 0, b"QFI\xfb\x00\x00\x00\x01"), ("qcow2", 0, b"QFI\xfb"),
+    ("luks", 0, b"LUKS\xba\xbe"),
+]  # fmt: skip
+
+
+def foreign_format(path: str) -> str | None:
+    """The QEMU format whose magic ``path`` starts with, if its driver is not installed."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x48)
+    except OSError:
+        return None
+    from ..drivers import bdrv_find_format
+
+    for name, offset, magic in _MAGICS:
+        if head[offset:offset + len(magic)] == magic:
+            try:
+                bdrv_find_format(name)
+            except Exception:  # noqa: BLE001 - not installed (or broken): worth saying
+                return name
+            return None
+    return None
+
+
 def warn_probed_raw(bs: Any, flags: OpenFlags) -> None:
-    """raw-format.c's warning when a writable image's format was guessed as raw."""
+    """raw-format.c's warning when a writable image's format was guessed as raw; and, when
+    the bytes look like a format whose driver is not installed, which package would read it."""
     drv = getattr(bs, "drv", None)
     if drv is None or drv.name != "raw" or not getattr(bs, "probed_format", False):
         return
+    path = bs.file.bs.filename if bs.file is not None else bs.filename
+    other = foreign_format(path) if path else None
+    if other is not None:
+        sys.stdout.flush()
+        sys.stderr.write(f"{prog_name('blockcore-img')}: warning: '{path}' looks like a "
+                         f"{other} image, but no installed driver reads {other}: opened as "
+                         f"raw\n{missing_package_hint(other) or ''}")
+        sys.stderr.flush()
     if not flags & OpenFlags.RDWR:
         return
     name = bs.file.bs.filename if bs.file is not None else bs.filename

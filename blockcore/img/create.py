@@ -81,7 +81,10 @@ def _create_opts(fmt: str) -> CreateOpts:
     except DriverNotFoundError as exc:
         text = exc.strerror or ""
         extra = f" ({text})" if "failed to load" in text else ""
-        raise CliError(f"Unknown file format '{fmt}'{extra}") from None
+        from .common import missing_package_hint
+
+        raise CliError(f"Unknown file format '{fmt}'{extra}",
+                       hint=missing_package_hint(fmt)) from None
     if not opts.can_create:
         raise CliError(f"Format driver '{fmt}' does not support image creation")
     return opts

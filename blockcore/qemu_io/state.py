@@ -138,7 +138,7 @@ class Session:
             try:
                 check_driver(str(opts["driver"]))
             except CliError as exc:
-                error_report(f"can't open{where}: {exc.message}")
+                error_report(f"can't open{where}: {exc.message}", exc.hint)
                 return 1
         try:
             self.blk = self._open(filename, opts, flags)
