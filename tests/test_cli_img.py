@@ -278,3 +278,15 @@ def test_qcow2_session(run) -> None:
 
 def test_disk_size_normaliser_is_applied() -> None:
     assert normalise_disk_size("disk size: 196 KiB\n") == "disk size: X\n"
+
+
+def test_missing_driver_names_its_package(run, tmp_path: Path) -> None:
+    out, err, rc = run("create", "-f", "vmdk", "x.vmdk", "1M")
+    assert (out, rc) == ("", 1)
+    assert err == ("qemu-img: x.vmdk: Unknown file format 'vmdk'\n"
+                   "The 'vmdk' format needs the blockcore-vmdk distribution, which is not "
+                   "installed.\n")
+    (tmp_path / "fake.vdi").write_bytes(b"\0" * 0x40 + b"\x7f\x10\xda\xbe" + bytes(4096))
+    out, err, rc = run("info", "fake.vdi")
+    assert rc == 0 and "file format: raw\n" in out
+    assert "looks like a vdi image" in err and "blockcore-vdi" in err
