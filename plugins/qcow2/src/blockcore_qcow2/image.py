@@ -38,6 +38,8 @@ from .format import (
 )
 from .refcount import Refcounts
 
+_Q = struct.Struct(">Q")
+
 #: Reads the backing file: (guest offset, buffer) -> None; zero-filled past its end.
 BackingReader = Callable[[int, memoryview], Awaitable[None]]
 
@@ -313,6 +315,23 @@ class Qcow2Image:
 
     async def read(self, offset: int, buf: memoryview) -> None:
         """Read guest bytes; the range may pass the virtual size only up to the node end."""
+        cb = self._cb
+        if self._fast and not (offset ^ (offset + len(buf) - 1)) >> cb:
+            # the commonest case inline: one cluster, cached table, NORMAL entry
+            l1i = offset >> self._l1_shift
+            if l1i < len(self.l1):
+                e = self.l1[l1i]
+                l2off = e & L1E_OFFSET_MASK
+                table = self._l2_tables.get(l2off)
+                if table is not None and not e & L1E_RESERVED_MASK:
+                    entry = _Q.unpack_from(table, ((offset >> cb) & self._l2_mask) << 3)[0]
+                    if entry & L2E_OFFSET_MASK and not entry & self._not_normal:
+                        self._l2_tables.move_to_end(l2off)
+                        if self.file.wants_events:
+                            await self.file.event("read_aio")
+                        host = (entry & L2E_OFFSET_MASK) | (offset & ((1 << cb) - 1))
+                        await self.data.pread(host, buf)
+                        return
         host = self._cached_host(offset, len(buf), False)
         if host is not None:
             if host < 0:
