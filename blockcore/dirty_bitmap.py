@@ -252,7 +252,7 @@ class BdrvDirtyBitmap:
         """OR ``src`` into this bitmap; the granularities may differ, the sizes may not
         (hbitmap_merge)."""
         if src.size != self.size:
-            raise BlockError(errno.EINVAL, "Bitmaps are incompatible and can't be merged")
+            raise _size_mismatch(self, src)
         if src.granularity == self.granularity:
             with src._lock:
                 other = int.from_bytes(src._bits, "little")
@@ -332,6 +332,11 @@ class BdrvDirtyBitmap:
             self._bits[-1] &= (1 << (self._nbits & 7)) - 1
 
 
+def _size_mismatch(dest: BdrvDirtyBitmap, src: BdrvDirtyBitmap) -> BlockError:
+    return BlockError(errno.EINVAL, f"Bitmaps are of different sizes (destination size is "
+                      f"{dest.size}, source size is {src.size}) and can't be merged")  # fmt: skip
+
+
 def _fill_bits(bits: bytearray, a: int, b: int, value: bool) -> None:
     """Set (or clear) bits ``[a, b)``."""
     if a >= b:
@@ -369,7 +374,9 @@ def bdrv_dirty_bitmap_check(bitmap: BdrvDirtyBitmap, flags: BitmapCheck) -> None
     if flags & BitmapCheck.RO and bitmap.readonly:
         raise BlockError(errno.EPERM, f"Bitmap '{name}' is readonly and cannot be modified")
     if flags & BitmapCheck.INCONSISTENT and bitmap.inconsistent:
-        raise BlockError(errno.EINVAL, f"Bitmap '{name}' is inconsistent and cannot be used")
+        err = BlockError(errno.EINVAL, f"Bitmap '{name}' is inconsistent and cannot be used")
+        err.hint = "Try block-dirty-bitmap-remove to delete this bitmap from disk\n"  # type: ignore[attr-defined]
+        raise err
 
 
 @api(Tier.IO)
@@ -487,7 +494,7 @@ def bdrv_merge_dirty_bitmap(dest: BdrvDirtyBitmap, src: BdrvDirtyBitmap, backup:
     bdrv_dirty_bitmap_check(dest, BitmapCheck.DEFAULT)
     bdrv_dirty_bitmap_check(src, BitmapCheck.ALLOW_RO)
     if src.size != dest.size:
-        raise BlockError(errno.EINVAL, "Bitmaps are incompatible and can't be merged")
+        raise _size_mismatch(dest, src)
     old = dest.copy() if backup else None
     dest.merge_from(src)
     return old

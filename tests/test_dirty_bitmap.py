@@ -141,8 +141,9 @@ def test_checks_and_messages(blk: BlockBackend) -> None:
     assert bdrv_has_readonly_bitmaps(blk.bs)
     bm.readonly = False
     bm.inconsistent = True
-    with pytest.raises(BlockError, match="Bitmap 'c' is inconsistent and cannot be used"):
+    with pytest.raises(BlockError, match="Bitmap 'c' is inconsistent and cannot be used") as ei:
         bdrv_enable_dirty_bitmap(bm)
+    assert ei.value.hint == "Try block-dirty-bitmap-remove to delete this bitmap from disk\n"
     bm.inconsistent = False
     bm.busy = True
     with pytest.raises(BlockError, match="Bitmap 'c' is currently in use by another operation "
@@ -172,7 +173,8 @@ def test_merge(blk: BlockBackend) -> None:
     bdrv_merge_dirty_bitmap(fine, coarse)
     assert ranges(fine) == [(65536, 65536)]
     other = BdrvDirtyBitmap(None, 2 * MiB, 512, "o")
-    with pytest.raises(BlockError, match="Bitmaps are incompatible and can't be merged"):
+    with pytest.raises(BlockError, match=r"Bitmaps are of different sizes \(destination size is "
+                       r"4194304, source size is 2097152\) and can't be merged"):
         bdrv_merge_dirty_bitmap(fine, other)
     fine.readonly = True
     with pytest.raises(BlockError, match="readonly"):

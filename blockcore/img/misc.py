@@ -288,7 +288,8 @@ def _bitmap_action(bs: Any, act: str, name: str, arg: str | None, granularity: i
     if act == "add":
         if not name:
             raise BlockError(errno.EINVAL, "Bitmap name cannot be empty")
-        gran = granularity or _default_granularity(bs)
+        # QMP's granularity is a uint32: -g 4G arrives as 0 and is refused below
+        gran = granularity & 0xFFFFFFFF if granularity else _default_granularity(bs)
         if gran < 512 or gran & (gran - 1):
             raise BlockError(errno.EINVAL, "Granularity must be power of 2 and at least 512")
         if dbm.bdrv_find_dirty_bitmap(bs, name) is not None:

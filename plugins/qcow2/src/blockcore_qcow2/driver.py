@@ -236,13 +236,15 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         raise BlockError(errno.EINVAL, "lazy refcounts need a v3 image (compat=1.1)", name)
     if rw and image.dirty and not flags & OpenFlags.CHECK:
         run_co(bs, _repair_dirty(image))
-    if rw and header.autoclear_features & ~(Autoclear.DATA_FILE_RAW):
-        # Autoclear bits we do not maintain (bitmaps) must be cleared before writing.
-        keep = header.autoclear_features & Autoclear.DATA_FILE_RAW
+    if rw and header.autoclear_features & ~(Autoclear.DATA_FILE_RAW | Autoclear.BITMAPS):
+        # Autoclear bits we do not maintain must be cleared before writing.
+        keep = header.autoclear_features & (Autoclear.DATA_FILE_RAW | Autoclear.BITMAPS)
         run_co(bs, image.write_header(attrs.evolve(image.header, autoclear_features=keep)))
     bs.backing_file = header.backing_file or ""
     bs.backing_format = header.backing_format or ""
     bs.opaque = Qcow2State(image, file, data)
+    if not flags & (OpenFlags.INACTIVE | OpenFlags.NO_IO):
+        _load_bitmaps(bs, image, rw)
 
     async def read_backing(offset: int, buf: memoryview) -> None:
         if bs.backing is None:
@@ -268,6 +270,8 @@ def bdrv_close(bs: Any) -> None:
     if st is None:
         return
     try:
+        if not st.image.read_only:
+            _store_bitmaps(bs, st.image)
         run_co(bs, st.image.close())
     finally:
         bs.opaque = None
@@ -295,6 +299,11 @@ def bdrv_get_specific_info(bs: Any) -> dict[str, Any] | None:
         if h.incompatible_features & Incompat.DATA_FILE:
             data["data-file"] = h.data_file
             data["data-file-raw"] = bool(h.autoclear_features & Autoclear.DATA_FILE_RAW)
+        from . import bitmap
+
+        bitmaps = run_co(bs, bitmap.info_list(img))
+        if bitmaps:
+            data["bitmaps"] = bitmaps
     return {"type": "qcow2", "data": data}
 
 
@@ -324,8 +333,12 @@ def bdrv_measure(options: dict[str, Any], in_bs: Any) -> BlockMeasureInfo:
         required = aligned
     bitmaps = None
     if in_bs is not None and in_bs.drv is not None and in_bs.drv.name == "qcow2" \
-            and in_bs.opaque.image.header.version >= 3:  # fmt: skip
-        bitmaps = 0  # both sides support persistent bitmaps; we copy none yet
+            and in_bs.opaque.image.header.version >= 3 \
+            and str(options.get("compat") or "1.1") not in ("0.10", "v2"):  # fmt: skip
+        from . import bitmap
+
+        # both sides support persistent bitmaps (qcow2_get_persistent_dirty_bitmap_size)
+        bitmaps = bitmap.stored_size(in_bs.dirty_bitmaps, cs)
     return BlockMeasureInfo(required=full - aligned + required, fully_allocated=full,
                             bitmaps=bitmaps)  # fmt: skip
 
@@ -598,3 +611,57 @@ def bdrv_snapshot_list(bs: Any) -> list[dict[str, Any]]:
     from . import snapshot
 
     return run_co(bs, snapshot.list_snapshots(bs.opaque.image))
+
+
+# -------------------------------------------------------------------------------------------
+# Persistent dirty bitmaps (engine in .bitmap)
+# -------------------------------------------------------------------------------------------
+
+
+def _load_bitmaps(bs: Any, image: Qcow2Image, rw: bool) -> None:
+    """Create the image's bitmaps on ``bs`` (qcow2_load_dirty_bitmaps); read-write, they are
+    marked in-use on disk until they are stored again at close."""
+    from blockcore.dirty_bitmap import BdrvDirtyBitmap
+
+    from . import bitmap
+
+    size = -(-image.header.size // 512) * 512
+
+    def make(entry: bitmap.BitmapEntry) -> BdrvDirtyBitmap:
+        return BdrvDirtyBitmap(bs, size, entry.granularity, entry.name)
+
+    loaded = run_co(bs, bitmap.load(image, make, rw))
+    if loaded:
+        bs.dirty_bitmaps = [*bs.dirty_bitmaps, *loaded]
+
+
+def _store_bitmaps(bs: Any, image: Qcow2Image) -> None:
+    """Write the persistent bitmaps back and release them (qcow2_store_persistent_dirty_bitmaps);
+    a failure loses them, as in QEMU, but does not stop the close."""
+    import sys
+
+    from . import bitmap
+
+    todo = [b for b in bs.dirty_bitmaps
+            if b.persistent and b.name and not b.readonly and not b.inconsistent]  # fmt: skip
+    try:
+        run_co(bs, bitmap.store(image, todo))
+    except OSError as exc:
+        sys.stderr.write(f"Lost persistent bitmaps during inactivation of node "
+                         f"'{bs.node_name}': {exc.strerror or exc}\n")  # fmt: skip
+    bs.dirty_bitmaps = [b for b in bs.dirty_bitmaps if not b.persistent]
+
+
+@hookimpl
+async def bdrv_co_can_store_new_dirty_bitmap(bs: Any, name: str, granularity: int) -> bool:
+    from . import bitmap
+
+    img: Qcow2Image = bs.opaque.image
+    return await bitmap.can_store(img, name, granularity, bs.total_bytes, bs.node_name)
+
+
+@hookimpl
+async def bdrv_co_remove_persistent_dirty_bitmap(bs: Any, name: str) -> None:
+    from . import bitmap
+
+    await bitmap.remove(bs.opaque.image, name)
