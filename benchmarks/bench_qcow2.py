@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 
 import blockcore
 from blockcore import BdrvRequestFlags, BlockBackend, OpenFlags
@@ -81,8 +82,7 @@ class Images:
 
 def _write(path: str, size: int, chunk: Callable[[], bytes]) -> None:
     with open(path, "wb") as f:
-        for _ in range(size // MiB):
-            f.write(chunk())
+        f.writelines(chunk() for _ in range(size // MiB))
 
 
 def _warm(path: str) -> None:
@@ -237,8 +237,8 @@ def compare(img: Images, rounds: int, aios: list[str], scale: float, only: set[s
         ours_bench(img.qcow2, bs, depth, max(depth, count // 10), write)  # warm-up
         for aio in aios:
             q, o = _alternate(rounds,
-                              lambda: qemu_bench(img.qcow2, bs, depth, count, write, aio),
-                              lambda: ours_bench(img.qcow2, bs, depth, count, write))
+                              partial(qemu_bench, img.qcow2, bs, depth, count, write, aio),
+                              partial(ours_bench, img.qcow2, bs, depth, count, write))
             print(f"{name:<20} {aio:<9} {q:8.3f} {o:8.3f} {mb / q:10.0f} {mb / o:10.0f} "
                   f"{q / o:6.2f}", flush=True)  # fmt: skip
     for name in CONVERTS:
@@ -248,8 +248,8 @@ def compare(img: Images, rounds: int, aios: list[str], scale: float, only: set[s
         src = img.qcow2 if name == "convert-qcow2-raw" else img.craw if "-c-" in name \
             else img.raw  # fmt: skip
         mb = os.path.getsize(img.raw if src == img.qcow2 else src) / 1e6
-        q, o = _alternate(rounds, lambda: qemu_convert(img, qname),
-                          lambda: ours_convert(img, name))  # fmt: skip
+        q, o = _alternate(rounds, partial(qemu_convert, img, qname),
+                          partial(ours_convert, img, name))  # fmt: skip
         print(f"{name:<20} {'-m 8':<9} {q:8.3f} {o:8.3f} {mb / q:10.0f} {mb / o:10.0f} "
               f"{q / o:6.2f}", flush=True)  # fmt: skip
     _unlink(img.out)

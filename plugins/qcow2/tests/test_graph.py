@@ -121,9 +121,9 @@ def test_vmstate_events_and_read_only(mem: CrashMem) -> None:
         assert "vmstate_load" in mem.events
         assert buf == bytes(10) + b"abc" * 1000
         assert blk.getlength() == 1 * MiB  # the disk does not grow
-    with BlockBackend.open(None, _on(mem, "vm")) as blk:
-        with pytest.raises(OSError, match="read-only"):
-            bdrv_save_vmstate(blk.bs, b"x", 0, 1)
+    with BlockBackend.open(None, _on(mem, "vm")) as blk, \
+            pytest.raises(OSError, match="read-only"):  # fmt: skip
+        bdrv_save_vmstate(blk.bs, b"x", 0, 1)
 
 
 # -------------------------------------------------------------------------------------------
@@ -325,6 +325,7 @@ def test_damaged_images_give_oserrors(tmp_path: Path) -> None:
     raises an OSError with a message; never another exception, a hang or a huge buffer."""
     import signal
     import tracemalloc
+    from functools import partial
 
     from blockcore import special, status
     from blockcore.types import BdrvCheckMode
@@ -350,9 +351,9 @@ def test_damaged_images_give_oserrors(tmp_path: Path) -> None:
                                                flags) as blk:  # fmt: skip
                             n = min(blk.getlength(), 2 * MiB)
                             steps = [
-                                lambda: blk.pread(0, n),
-                                lambda: status.bdrv_block_status(blk.bs, 0, n),
-                                lambda: special.bdrv_check(blk.bs, BdrvCheckMode.NONE),
+                                partial(blk.pread, 0, n),
+                                partial(status.bdrv_block_status, blk.bs, 0, n),
+                                partial(special.bdrv_check, blk.bs, BdrvCheckMode.NONE),
                             ] if not flags else [
                                 lambda: blk.pwrite(0, b"x" * 70000),
                                 lambda: blk.pwrite(300 << 10, b"y" * 5000),
