@@ -20,7 +20,7 @@ The formats themselves live in separate distributions (blockcore-raw, blockcore-
 
 from __future__ import annotations
 
-from . import aio, drain, drivers, graph, info, io, special, status, tiers, types  # noqa: F401
+from . import aio, drain, drivers, graph, info, io, manage, special, status, tiers, types  # noqa: F401
 from .aio import AioContext, IOThread, main_context, run
 from .backend import BlockBackend
 from .drivers import hookimpl, register_driver, unregister_driver

@@ -274,18 +274,21 @@ async def bdrv_co_io_unplug(bs: BlockDriverState) -> None:
 
 
 @api(Tier.IO)
-async def bdrv_co_check(bs: BlockDriverState, fix: BdrvCheckMode = BdrvCheckMode.NONE
-                        ) -> BdrvCheckResult:  # fmt: skip
+async def bdrv_co_check(bs: BlockDriverState, fix: BdrvCheckMode = BdrvCheckMode.NONE,
+                        result: BdrvCheckResult | None = None) -> BdrvCheckResult:  # fmt: skip
     """Check (and with ``fix`` repair) the image's consistency. Tier: I/O.
 
+    Pass ``result`` to keep what the check gathered even when it raises (qemu-img prints
+    those lines before the error).
     :raises NotSupportedError: the format cannot be checked (qemu-img's exit code 63).
     """
     drv = _enter("bdrv_co_check", bs)
     if drv.bdrv_co_check is None:
         raise NotSupportedError(
-            f"this image format does not support checks", bs.filename or bs.node_name
+            "this image format does not support checks", bs.filename or bs.node_name
         )
-    result = BdrvCheckResult()
+    if result is None:
+        result = BdrvCheckResult()
     bs.in_flight += 1
     try:
         await drv.bdrv_co_check(bs, result, fix)
@@ -482,54 +485,3 @@ async def bdrv_co_create_file(filename: str, options: dict[str, Any]) -> None:
     prefix = f"{drv.descriptor.protocol_name}:"
     name = filename[len(prefix):] if filename.startswith(prefix) else filename
     await drv.bdrv_co_create_opts(name, {k: v for k, v in options.items() if k in known})  # type: ignore[attr-defined]
-
-
-# -------------------------------------------------------------------------------------------
-# Debug breakpoints (blkdebug): the core finds the first node down the primary children
-# whose driver has the hook, as QEMU's bdrv_debug_* functions do
-# -------------------------------------------------------------------------------------------
-
-
-def _debug_node(bs: BlockDriverState, hook: str) -> BlockDriverState:
-    node: BlockDriverState | None = bs
-    while node is not None and node.drv is not None:
-        if getattr(node.drv, hook) is not None:
-            return node
-        child = bdrv_primary_child(node)
-        node = child.bs if child is not None else None
-    raise NotSupportedError("no node below supports debug breakpoints", bs.node_name)
-
-
-@api(Tier.GS)
-def bdrv_debug_breakpoint(bs: BlockDriverState, event: str, tag: str) -> None:
-    """Suspend the next request raising ``event`` under ``tag`` (qemu-io ``break``). Tier: GS."""
-    global_state_code("bdrv_debug_breakpoint")
-    node = _debug_node(bs, "bdrv_debug_breakpoint")
-    node.drv.bdrv_debug_breakpoint(node, event, tag)  # type: ignore[union-attr]
-
-
-@api(Tier.GS)
-def bdrv_debug_remove_breakpoint(bs: BlockDriverState, tag: str) -> None:
-    """Remove breakpoints ``tag`` and resume what they hold (``remove_break``). Tier: GS."""
-    global_state_code("bdrv_debug_remove_breakpoint")
-    node = _debug_node(bs, "bdrv_debug_remove_breakpoint")
-    node.drv.bdrv_debug_remove_breakpoint(node, tag)  # type: ignore[union-attr]
-
-
-@api(Tier.GS)
-def bdrv_debug_resume(bs: BlockDriverState, tag: str) -> None:
-    """Resume the request suspended under ``tag`` (``resume``). Tier: GS."""
-    global_state_code("bdrv_debug_resume")
-    node = _debug_node(bs, "bdrv_debug_resume")
-    node.drv.bdrv_debug_resume(node, tag)  # type: ignore[union-attr]
-
-
-@api(Tier.GS)
-def bdrv_debug_is_suspended(bs: BlockDriverState, tag: str) -> bool:
-    """Whether a request is suspended under ``tag`` (``wait_break`` polls it). Tier: GS."""
-    global_state_code("bdrv_debug_is_suspended")
-    try:
-        node = _debug_node(bs, "bdrv_debug_is_suspended")
-    except NotSupportedError:
-        return False
-    return bool(node.drv.bdrv_debug_is_suspended(node, tag))  # type: ignore[union-attr]

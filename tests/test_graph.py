@@ -271,7 +271,7 @@ def test_reopen_refuses_options_the_driver_cannot_change(memdrv) -> None:
 
 
 def test_debug_breakpoint_without_blkdebug_is_not_supported(memdrv) -> None:
-    from blockcore.special import bdrv_debug_breakpoint, bdrv_debug_is_suspended
+    from blockcore.manage import bdrv_debug_breakpoint, bdrv_debug_is_suspended
 
     drv = memdrv()
     with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:

@@ -29,18 +29,10 @@ __all__ = ["img_check", "run_check"]
 
 
 async def _co_check(bs: Any, result: BdrvCheckResult, fix: BdrvCheckMode) -> None:
-    # blockcore.special.bdrv_co_check makes its own result, which a failing check loses;
-    # qemu-img prints the lines gathered until the failure, so call the driver here.
-    from ..errors import NotSupportedError
+    # the core fills ``result`` in place, so the lines gathered before a failure survive
+    from ..special import bdrv_co_check
 
-    drv = bs.drv
-    if drv is None or drv.bdrv_co_check is None:
-        raise NotSupportedError("this image format does not support checks", bs.node_name)
-    bs.in_flight += 1
-    try:
-        await drv.bdrv_co_check(bs, result, fix)
-    finally:
-        bs.in_flight -= 1
+    await bdrv_co_check(bs, fix, result)
 
 
 _check = co_wrapper(_co_check, "img_check", rdlock=True)

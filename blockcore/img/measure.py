@@ -28,7 +28,7 @@ BDRV_SECTOR_SIZE = 512
 
 
 def measure(fmt: str, opts: CreateOpts, in_bs: Any | None) -> BlockMeasureInfo:
-    """``bdrv_measure``; raw's answer is computed here when its driver has none."""
+    """``bdrv_measure`` of the output format's driver."""
     from ..drivers import bdrv_find_format
     from ..info import bdrv_measure
 
@@ -36,15 +36,6 @@ def measure(fmt: str, opts: CreateOpts, in_bs: Any | None) -> BlockMeasureInfo:
     options = opts.driver_options()
     if opts.get("size") is not None:
         options["size"] = opts.get("size")
-    if drv.bdrv_measure is None and fmt == "raw":  # type: ignore[attr-defined]
-        from ..io import bdrv_getlength
-
-        if in_bs is not None:
-            required = bdrv_getlength(in_bs)
-        else:
-            size = opts.get("size") or 0
-            required = -(-size // BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE
-        return BlockMeasureInfo(required=required, fully_allocated=required)
     if drv.bdrv_measure is None:  # type: ignore[attr-defined]
         raise CliError(f"Block driver '{fmt}' does not support size measurement")
     try:

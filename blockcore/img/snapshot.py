@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from .. import manage
 from ..cliutil import CliError, strerror
 from ..types import OpenFlags
 from .common import (
@@ -21,34 +22,10 @@ from .common import (
 
 __all__ = ["img_snapshot", "snapshot_list"]
 
-def _snapshot_node(bs: Any, hook: str) -> Any:
-    """The node that handles snapshots: ``bs``, else its primary child (QEMU's fallback)."""
-    from ..graph import bdrv_primary_child
-
-    node = bs
-    while node is not None and node.drv is not None:
-        if getattr(node.drv, hook, None) is not None:
-            return node
-        child = bdrv_primary_child(node)
-        node = child.bs if child is not None else None
-    return None
-
-
 def snapshot_list(bs: Any) -> list[dict[str, Any]]:
-    node = _snapshot_node(bs, "bdrv_snapshot_list")
-    if node is None:
-        return []
-    return list(node.drv.bdrv_snapshot_list(node))
+    from ..manage import bdrv_snapshot_list
 
-
-def _drained(bs: Any, fn: Any, *args: Any) -> Any:
-    from ..drain import bdrv_drained_begin, bdrv_drained_end
-
-    bdrv_drained_begin(bs)
-    try:
-        return fn(*args)
-    finally:
-        bdrv_drained_end(bs)
+    return bdrv_snapshot_list(bs)
 
 
 def img_snapshot(argv: list[str]) -> int:
@@ -93,21 +70,17 @@ def _snapshot(bs: Any, action: str | None, name: str) -> None:
         sn = {"id": "", "name": name, "vm-state-size": 0, "date-sec": now // 1_000_000_000,
               "date-nsec": now // 1000 % 1_000_000 * 1000, "vm-clock-sec": 0,
               "vm-clock-nsec": 0, "icount": 0}
-        node = _snapshot_node(bs, "bdrv_snapshot_create")
-        err = errno.ENOTSUP
-        if node is not None:
-            try:
-                _drained(node, node.drv.bdrv_snapshot_create, node, sn)
-                return
-            except OSError as exc:
-                err = exc.errno or errno.EIO
+        try:
+            manage.bdrv_snapshot_create(bs, sn)
+            return
+        except OSError as exc:
+            err = exc.errno or errno.EIO
         raise CliError(f"Could not create snapshot '{name}': -{err} ({strerror(err)})")
     elif action == "a":
         if bs.dirty_bitmaps:  # bdrv_snapshot_goto refuses before anything else
             raise CliError(f"Could not apply snapshot '{name}': Device has active dirty "
                            "bitmaps")
-        node = _snapshot_node(bs, "bdrv_snapshot_goto")
-        if node is None:
+        if manage.bdrv_find_hook_node(bs, "bdrv_snapshot_goto") is None:
             from ..graph import bdrv_primary_child
             from .common import warn_probed_raw
 
@@ -117,17 +90,16 @@ def _snapshot(bs: Any, action: str | None, name: str) -> None:
             raise CliError(f"Could not apply snapshot '{name}': Block driver does not support "
                            "snapshots")
         try:
-            _drained(node, node.drv.bdrv_snapshot_goto, node, name)
+            manage.bdrv_snapshot_goto(bs, name)
         except OSError as exc:
             raise CliError(f"Could not apply snapshot '{name}': Failed to load snapshot: "
                            f"{strerror(exc.errno or 5)}") from None
     elif action == "d":
         found = next((sn for sn in snapshot_list(bs) if sn.get("name") == name), None)
-        node = _snapshot_node(bs, "bdrv_snapshot_delete")
-        if found is None or node is None:
+        if found is None or manage.bdrv_find_hook_node(bs, "bdrv_snapshot_delete") is None:
             raise CliError(f"Could not delete snapshot '{name}': snapshot not found")
         try:
-            _drained(node, node.drv.bdrv_snapshot_delete, node, found.get("id"), name)
+            manage.bdrv_snapshot_delete(bs, found.get("id"), name)
         except OSError as exc:
             msg, hint = describe_error(exc)
             raise CliError(f"Could not delete snapshot '{name}': {msg}", hint=hint) from None

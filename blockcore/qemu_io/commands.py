@@ -419,23 +419,11 @@ def abort_f(s: Session, argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------- blkdebug
-def _debug_node(bs: Any, hook: str) -> Any:
-    """The first node at or below ``bs`` (primary children) whose driver has ``hook``."""
-    from ..graph import bdrv_primary_child
-
-    node = bs
-    while node is not None and node.drv is not None and getattr(node.drv, hook) is None:
-        child = bdrv_primary_child(node)
-        node = child.bs if child is not None else None
-    return node if node is not None and node.drv is not None else None
-
-
 def _debug(s: Session, hook: str, *args: str) -> int:
-    node = _debug_node(s.blk.bs, hook)
-    if node is None:
-        return -errno.ENOTSUP
+    from .. import manage
+
     try:
-        getattr(node.drv, hook)(node, *args)
+        getattr(manage, hook)(s.blk.bs, *args)
     except OSError as exc:
         return -(exc.errno or errno.EIO)
     return 0
@@ -465,12 +453,9 @@ def resume_f(s: Session, argv: list[str]) -> int:
 
 
 def wait_break_f(s: Session, argv: list[str]) -> int:
-    node = _debug_node(s.blk.bs, "bdrv_debug_is_suspended")
+    from ..manage import bdrv_debug_is_suspended
 
-    def suspended() -> bool:
-        return bool(node is not None and node.drv.bdrv_debug_is_suspended(node, argv[1]))
-
-    s.poll_until(suspended)
+    s.poll_until(lambda: bdrv_debug_is_suspended(s.blk.bs, argv[1]))
     return 0
 
 

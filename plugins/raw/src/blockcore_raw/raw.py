@@ -19,6 +19,7 @@ from blockcore.types import (
     BdrvRequestFlags,
     BlockDriverInfo,
     BlockLimits,
+    BlockMeasureInfo,
     BlockStatus,
     BlockStatusFlags,
     ChildRole,
@@ -287,6 +288,18 @@ async def bdrv_co_getlength(bs: BlockDriverState) -> int:
     real = await io.bdrv_co_getlength(bs.file.bs)
     available = max(0, real - st.offset)
     return available if st.size is None else min(st.size, available)
+
+
+@hookimpl
+def bdrv_measure(options: dict[str, Any], in_bs: BlockDriverState | None) -> BlockMeasureInfo:
+    """A raw image needs exactly its virtual size, rounded up to a sector (QEMU's
+    raw_measure)."""
+    if in_bs is not None:
+        size = io.bdrv_getlength(in_bs)
+    else:
+        size = parse_size(options.get("size") or 0)
+    required = -(-size // BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE
+    return BlockMeasureInfo(required=required, fully_allocated=required)
 
 
 # Removable media and ioctls belong to the device below (QEMU's raw_eject, raw_lock_medium,
