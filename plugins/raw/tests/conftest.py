@@ -3,10 +3,7 @@ and small scratch filesystems (root only)."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
-import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,7 +13,7 @@ import pytest
 
 from blockcore.testing import requires_qemu, requires_root
 
-MiB = 1 << 20
+from raw_helpers import MiB, make_image
 
 
 @pytest.fixture(params=["disk", "tmpfs"])
@@ -32,45 +29,10 @@ def fsdir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(d)
 
 
-def make_image(path: Path, size: int = 4 * MiB, data: dict[int, bytes] | None = None) -> Path:
-    """A sparse file of ``size`` bytes with ``data`` written at the given offsets."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, chunk in (data or {}).items():
-            f.seek(off)
-            f.write(chunk)
-    return path
-
-
 @pytest.fixture
 def qemu() -> None:
     if reason := requires_qemu():
         pytest.skip(reason)
-
-
-def qemu_io(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-io", *args], check=False, capture_output=True, text=True,
-                          timeout=60)
-
-
-def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *args], check=False, capture_output=True, text=True,
-                          timeout=60)
-
-
-def locked_bytes(path: Path | str) -> list[int]:
-    """Lock bytes (100..103, 200..203) that any open file description holds on ``path``."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        held = []
-        for byte in (100, 101, 102, 103, 200, 201, 202, 203):
-            raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
-                              struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, byte, 1, 0))  # fmt: skip
-            if struct.unpack("hhqqi4x", raw)[0] != fcntl.F_UNLCK:
-                held.append(byte)
-        return held
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture

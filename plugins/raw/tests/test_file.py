@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MiB, locked_bytes, make_image, qemu_img, qemu_io
+from raw_helpers import MiB, locked_bytes, make_image, qemu_img, qemu_io
 
 from blockcore import (
     BlockBackend,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MiB, locked_bytes, make_image, qemu_img
+from raw_helpers import MiB, locked_bytes, make_image, qemu_img
 
 from blockcore import (
     BlockBackend,
