@@ -158,6 +158,9 @@ class BlockDriverState:
         self.flush_lock: asyncio.Lock | None = None
         self.tracked_requests: set[Any] = set()
         self.serialising_in_flight = 0
+        #: plain requests running without a TrackedRequest (see io._wait_serialising)
+        self.untracked_in_flight = 0
+        self.untracked_waiters: list[Any] = []
         self.io_plugged = 0
         self.driver_lock: asyncio.Lock | None = None
         self.dirty_bitmaps: list[Any] = []

@@ -278,3 +278,46 @@ def test_debug_breakpoint_without_blkdebug_is_not_supported(memdrv) -> None:
         with pytest.raises(blockcore.NotSupportedError, match="debug breakpoints"):
             bdrv_debug_breakpoint(blk.bs, "write_aio", "A")
         assert bdrv_debug_is_suspended(blk.bs, "A") is False
+
+
+def test_serialising_write_waits_for_untracked_reads_in_flight() -> None:
+    """Plain aligned reads run untracked; an unaligned (read-modify-write) write arriving
+    while one is in the driver must wait for it before touching the driver."""
+    import asyncio
+
+    from blockcore import hookimpl
+    from blockcore.testing import MemoryDriver
+
+    events: list[str] = []
+
+    class Slow(MemoryDriver):
+        @hookimpl
+        async def bdrv_co_preadv(self, bs, offset, length, buf, flags):  # noqa: ANN001
+            events.append(f"read {offset} start")
+            await asyncio.sleep(0.05 if offset == 0 else 0)
+            await super().bdrv_co_preadv(bs, offset, length, buf, flags)
+            events.append(f"read {offset} end")
+
+        @hookimpl
+        async def bdrv_co_pwritev(self, bs, offset, length, buf, flags):  # noqa: ANN001
+            events.append(f"write {offset}")
+            await super().bdrv_co_pwritev(bs, offset, length, buf, flags)
+
+    drv = Slow("slowmem", request_alignment=512).register()
+    try:
+        with BlockBackend.open(None, {"driver": "slowmem", "size": 65536}, OpenFlags.RDWR) as blk:
+            async def race() -> None:
+                buf = bytearray(4096)
+                reader = asyncio.ensure_future(blk.co_preadv(0, 4096, buf))
+                await asyncio.sleep(0.01)  # the read is in the driver, untracked
+                assert blk.bs.untracked_in_flight == 1
+                await blk.co_pwritev(100, 10, b"x" * 10)  # unaligned: serialising
+                await reader
+
+            blockcore.run(race())
+            # the write's read-modify-write read starts only after the untracked read ended
+            assert events[:3] == ["read 0 start", "read 0 end", "read 0 start"]
+            assert events[-1] == "write 0"
+            assert blk.bs.untracked_in_flight == 0 and not blk.bs.tracked_requests
+    finally:
+        drv.unregister()
