@@ -59,6 +59,10 @@ class BlockBackend:
         self.in_flight = 0
         self.ctx: AioContext | None = None
         self._queued: list[asyncio.Future[None]] = []
+        #: Let writes pass the end of the image, growing it (QEMU's
+        #: blk_set_allow_write_beyond_eof, for writers of new images); needs a backend
+        #: opened with ``OpenFlags.RESIZE``.
+        self.allow_write_beyond_eof = False
 
     # -- construction ---------------------------------------------------------------------
 
@@ -261,7 +265,7 @@ class BlockBackend:
             root = self.root
             if root is None or self.quiesce_counter or offset < 0 or length < 0 \
                     or offset + length > root.bs.total_bytes:  # fmt: skip
-                root = await self._start(offset, length, True)
+                root = await self._start(offset, length, not self.allow_write_beyond_eof)
             await self._rdlocked(root, bdrv_co_pwritev, offset, length, buf, flags)
         finally:
             self.in_flight -= 1

@@ -354,7 +354,8 @@ def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] 
     read-write, transactionally: every driver prepares, permissions are checked, then all
     commit; on any failure all abort and nothing changes. Tier: GS.
 
-    Drivers without reopen hooks accept only a change of the read-write flag and no options.
+    Formats and filters without reopen hooks accept a change of flags and no options;
+    protocol drivers without them (they hold the storage open) refuse any change, as QEMU.
     """
     global_state_code("bdrv_reopen")
     from .drain import bdrv_drained_begin, bdrv_drained_end
@@ -382,6 +383,11 @@ def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] 
                 elif opts:
                     raise BlockError(errno.EINVAL, f"cannot change the option "
                                      f"{next(iter(opts))!r} of driver {drv.name!r}", node.filename)
+                elif nflags != node.open_flags and drv.descriptor.protocol_name is not None:
+                    # a protocol driver holds the storage open with the old access mode
+                    raise BlockError(errno.ENOTSUP, f"block driver {drv.name!r} used by node "
+                                     f"{node.node_name!r} does not support reopening files",
+                                     node.filename)  # fmt: skip
                 else:
                     state = None
                 prepared.append((node, state, node.open_flags))

@@ -136,6 +136,12 @@ class MemoryDriver:
         bs.filename = str(name or f"{self.name}:{bs.node_name}")
 
     @hookimpl
+    def bdrv_reopen_prepare(self, bs: BlockDriverState, options: dict[str, Any], flags: Any
+                            ) -> None:  # fmt: skip
+        if options:
+            raise BlockError(errno.EINVAL, f"cannot change the option {next(iter(options))!r}")
+
+    @hookimpl
     def bdrv_refresh_limits(self, bs: BlockDriverState, limits: BlockLimits) -> BlockLimits:
         return self.limits
 

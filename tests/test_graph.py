@@ -321,3 +321,43 @@ def test_serialising_write_waits_for_untracked_reads_in_flight() -> None:
             assert blk.bs.untracked_in_flight == 0 and not blk.bs.tracked_requests
     finally:
         drv.unregister()
+
+
+class _NoReopen:
+    """A protocol driver without reopen hooks (it would hold its storage open)."""
+
+    @blockcore.hookimpl
+    def bdrv_describe(self):  # noqa: ANN201
+        return blockcore.DriverDescriptor(format_name="noreopen", protocol_name="noreopen")
+
+    @blockcore.hookimpl
+    async def bdrv_co_getlength(self, bs):  # noqa: ANN001, ANN201
+        return 4096
+
+    @blockcore.hookimpl
+    async def bdrv_co_preadv(self, bs, offset, length, buf, flags):  # noqa: ANN001, ANN201
+        buf[:] = bytes(length)
+
+
+def test_protocol_without_reopen_hooks_refuses_reopen() -> None:
+    blockcore.register_driver(_NoReopen())
+    try:
+        with BlockBackend.open(None, {"driver": "noreopen"}) as blk:
+            with pytest.raises(BlockError, match="does not support reopening files") as info:
+                blk.reopen(read_only=False)
+            assert info.value.errno == errno.ENOTSUP
+            assert not blk.bs.open_flags & OpenFlags.RDWR
+            assert blk.pread(0, 4) == bytes(4)
+    finally:
+        blockcore.unregister_driver("noreopen")
+
+
+def test_allow_write_beyond_eof(memdrv) -> None:
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096},
+                           OpenFlags.RDWR | OpenFlags.RESIZE) as blk:  # fmt: skip
+        with pytest.raises(BlockError):
+            blk.pwrite(4096, b"more")
+        blk.allow_write_beyond_eof = True
+        blk.pwrite(4096, b"more")
+        assert blk.getlength() == 4608 and blk.pread(4096, 4) == b"more"
