@@ -67,14 +67,9 @@ def open_over_blkdebug(img: str, **blkdebug: Any) -> BlockBackend:
 # With 1 KiB clusters an L2 table maps 128 KiB and a refcount block 512 KiB, so a 512 KiB
 # write to a fresh region allocates an L2 table, data clusters and a refcount block (as
 # iotest 026 does with small clusters). Data written first at 32M must survive.
-HOOKUP_BUG = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="qcow2 bug: refcount.py _create_blocks sets self.table[t] before the reftable entry "
-    "is written; when that write fails the next allocation counts into an unhooked block, "
-    "and qemu-img check reports refcount=0 reference=1 corruptions")
 FRESH_WRITE_EVENTS = ["l1_update", "l2_alloc_write", "l2_update", "refblock_load",
                       "refblock_update", "refblock_alloc", "refblock_alloc_write",
-                      pytest.param("refblock_alloc_hookup", marks=HOOKUP_BUG),
+                      "refblock_alloc_hookup",
                       "cluster_alloc", "write_aio"]  # fmt: skip
 
 

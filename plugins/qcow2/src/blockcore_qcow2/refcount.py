@@ -209,8 +209,10 @@ class Refcounts:
         await self.file.event("refblock_alloc_hookup")
         for i, t in enumerate(ranges):
             off = (at + i) << self.cluster_bits
-            self.table[t] = off
+            # the entry reaches the file before the block counts in memory: if this write
+            # fails, nothing is counted into a block the table on disk does not name
             await self.file.pwrite(self.table_offset + 8 * t, struct.pack(">Q", off))
+            self.table[t] = off
             cached = await self.cache.get(off, load=False)
             cached[:] = new[t]
         if self.free_cluster_index >= at:
