@@ -20,13 +20,10 @@ import threading
 from asyncio import current_task
 from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from .errors import DeadlockError, TierViolation
 from .tiers import API, Tier, api, global_state_code, io_or_gs_code, qemu_in_main_thread
-
-if TYPE_CHECKING:
-    from .graph import BlockDriverState
 
 __all__ = [
     "AioContext",

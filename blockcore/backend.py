@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from typing import Any, final
-
 from asyncio.events import _get_running_loop
+from typing import Any, final
 
 from . import aio as aio_mod
 from .aio import (
@@ -27,19 +26,19 @@ from .aio import (
     bdrv_graph_co_rdlock,
 )
 from .errors import BlockError, NoMediumError
-from .graph import BdrvChild, BlockDriverState, bdrv_open, bdrv_root_attach_child
-from .graph import bdrv_root_unref_child
-from .io import (
-    bdrv_co_flush,
-    bdrv_co_pdiscard,
-    bdrv_co_preadv,
-    bdrv_co_pwrite_zeroes,
-    bdrv_co_pwritev,
-    bdrv_co_truncate,
+from .graph import (
+    BdrvChild,
+    BlockDriverState,
+    bdrv_open,
+    bdrv_root_attach_child,
+    bdrv_root_unref_child,
 )
+from .io import bdrv_co_flush, bdrv_co_preadv, bdrv_co_pwritev
+from .resize import bdrv_co_truncate
 from .special import BlockAIOCB
 from .tiers import Tier, api, global_state_code
 from .types import BdrvRequestFlags, ChildRole, OpenFlags, Perm, PreallocMode
+from .zero import bdrv_co_pdiscard, bdrv_co_pwrite_zeroes
 
 __all__ = ["BlockBackend", "blk_co_new_open", "blk_co_unref"]
 
@@ -202,7 +201,7 @@ class BlockBackend:
         if root.bs.bl.has_variable_length or root.bs.total_bytes == 0:
             if not await bdrv_co_is_inserted(root.bs):
                 raise NoMediumError("no medium found", root.bs.filename or root.bs.node_name)
-            from .io import bdrv_co_getlength
+            from .resize import bdrv_co_getlength
 
             await bdrv_co_getlength(root.bs)
         while self.quiesce_counter:
@@ -379,7 +378,7 @@ class BlockBackend:
         """Length in bytes (asked again for devices whose length varies). Tier: I/O."""
         bs = self.bs
         if bs.bl.has_variable_length:
-            from .io import bdrv_getlength
+            from .resize import bdrv_getlength
 
             return int(bdrv_getlength(bs))
         return bs.total_bytes

@@ -10,13 +10,13 @@ from .io import (
     _cluster_size,
     _driver_preadv,
     _driver_pwritev,
-    _do_pwrite_zeroes,
     _wait_serialising,
     bdrv_co_debug_event,
 )
 from .status import bdrv_co_is_allocated
 from .types import MAX_BOUNCE_BUFFER, OpenFlags
 from .util import aligned_buffer, is_zero, round_down, round_up
+from .zero import _do_pwrite_zeroes
 
 if TYPE_CHECKING:
     from .graph import BdrvChild

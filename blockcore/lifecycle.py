@@ -202,7 +202,8 @@ def _open_node(
 
 
 def _probe_format(proto: BlockDriverState) -> BlockDriver:
-    from .io import bdrv_getlength, bdrv_pread
+    from .io import bdrv_pread
+    from .resize import bdrv_getlength
 
     length = bdrv_getlength(proto)
     buf = bytearray(min(length, BLOCK_PROBE_BUF_SIZE))
@@ -337,7 +338,7 @@ def bdrv_open_child(
 def bdrv_refresh_total_bytes(bs: BlockDriverState) -> None:
     """Read the node's length from its driver (rounded up to 512). Tier: GS."""
     global_state_code("bdrv_refresh_total_bytes")
-    from .io import bdrv_getlength_uncached
+    from .resize import bdrv_getlength_uncached
 
     bs.total_bytes = round_up(bdrv_getlength_uncached(bs), 512)
 

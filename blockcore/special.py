@@ -11,18 +11,18 @@ from .aio import assert_bdrv_graph_readable, co_wrapper
 from .errors import BlockError, NoMediumError, NotSupportedError
 from .graph import bdrv_filter_bs, bdrv_primary_child
 from .io import (
-    _is_inserted,
     F,
     TrackedRequest,
     _check_request,
     _enter,
+    _is_inserted,
     _wait_serialising,
     _write_allowed,
     _write_finish,
-    bdrv_co_pwrite_zeroes,
 )
 from .tiers import Tier, api, global_state_code
 from .types import BdrvCheckMode, BdrvCheckResult
+from .zero import bdrv_co_pwrite_zeroes
 
 if TYPE_CHECKING:
     from .graph import BdrvChild, BlockDriverState
