@@ -81,9 +81,6 @@ DRIVER_DIFFERENCES: dict[tuple[str, str], str] = {
         "blockcore-qcow2 allocates the data cluster before the L2 table (fragmentation 50%)",
     ("img-rebase-commit", "qemu-img map --output=json t.qcow2"):
         "blockcore-qcow2 has no bdrv_make_empty: commit leaves the top image's data",
-    **{("img-rebase-commit", c): "blockcore-qcow2 has no bdrv_amend_options" for c in (
-        "qemu-img amend -o lazy_refcounts=on t.qcow2", "qemu-img info t.qcow2 | grep lazy",
-        "qemu-img amend -o bogus=1 t.qcow2", "qemu-img amend -o cluster_size=4k t.qcow2")},
 }
 
 

@@ -167,6 +167,8 @@ def describe_error(exc: BaseException) -> tuple[str, str | None]:
             return base, hint
         if not text:
             text = strerror(exc.errno)
+        if getattr(exc, "verbatim", False):  # QEMU's own text, lowercase start included
+            return text, hint
         return text[:1].upper() + text[1:], hint
     if isinstance(exc, ValueError):
         return str(exc), hint

@@ -665,3 +665,14 @@ async def bdrv_co_remove_persistent_dirty_bitmap(bs: Any, name: str) -> None:
     from . import bitmap
 
     await bitmap.remove(bs.opaque.image, name)
+
+
+@hookimpl
+def bdrv_amend_options(bs: Any, options: dict[str, Any], force: bool) -> None:
+    from . import amend
+
+    size = run_co(bs, amend.amend(bs.opaque.image, options, bs.backing is not None))
+    if size is not None and size != bs.total_bytes:
+        bs.total_bytes = -(-size // 512) * 512
+        for bitmap in bs.dirty_bitmaps:
+            bitmap.resize(bs.total_bytes)

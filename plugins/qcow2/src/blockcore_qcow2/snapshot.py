@@ -44,10 +44,11 @@ from .format import (
     MAX_SNAPSHOTS,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
+    V3_HEADER_LENGTH,
     ExtType,
     decode_compressed,
 )
-from .refcount import set_entry
+from .refcount import Refcounts, set_entry
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
@@ -232,7 +233,7 @@ async def create(img: Qcow2Image, sn_info: dict[str, Any]) -> None:
             vm_state_size=int(sn_info.get("vm-state-size", 0)), disk_size=img.header.size,
             icount=int(sn_info.get("icount", -1)), pending_l1=active,
         )  # fmt: skip
-        await _commit(img, active, [*snapshots, sn], img.header.size)
+        await commit(img, active, [*snapshots, sn], img.header.size)
     sn_info["id"] = sn_id
 
 
@@ -254,7 +255,7 @@ async def goto(img: Qcow2Image, id_or_name: str) -> int:
         size = sn.disk_size
         n = max(len(img.l1), sn.l1_size, img.geo.size_to_l1(size))
         active = [e & L1E_OFFSET_MASK for e in l1] + [0] * (n - len(l1))
-        await _commit(img, active, snapshots, size, keep_table=table_size)
+        await commit(img, active, snapshots, size, keep_table=table_size)
         return size
 
 
@@ -269,7 +270,7 @@ async def delete(img: Qcow2Image, snapshot_id: str | None, name: str | None) -> 
             raise BlockError(errno.ENOENT, "Can't find the snapshot", img.file.name)
         rest = snapshots[:i] + snapshots[i + 1 :]
         active = [e & L1E_OFFSET_MASK for e in img.l1]
-        await _commit(img, active, rest, img.header.size)
+        await commit(img, active, rest, img.header.size)
 
 
 # -------------------------------------------------------------------------------------------
@@ -418,12 +419,17 @@ async def _count_bitmaps(img: Qcow2Image, refs: _Refs) -> None:
         pos += -(-(24 + extra + name_size) // 8) * 8
 
 
-async def _commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapshot],
-                  size: int, *, keep_table: int = 0) -> None:  # fmt: skip
+async def commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapshot],
+                 size: int, *, keep_table: int = 0, refcount_order: int | None = None,
+                 version: int | None = None) -> None:  # fmt: skip
     """Make (active L1 = ``active`` L2 offsets, ``snapshots``, virtual ``size``) the image's
     state with one header write. ``keep_table``: the snapshot table on disk is unchanged and
-    this many bytes long."""
+    this many bytes long. ``refcount_order``: build the new refcount structure with entries
+    of ``1 << refcount_order`` bits (amend's refcount_bits). ``version``: header version to
+    write (amend's upgrade). The caller holds the image lock and flushed the caches."""
     geo, rc, h = img.geo, img.refcounts, img.header
+    order = rc.order if refcount_order is None else refcount_order
+    max_refcount = (1 << (1 << order)) - 1
     cs, cb = geo.cluster_size, geo.cluster_bits
     refs = _Refs()
     refs.add(0)  # header
@@ -485,10 +491,16 @@ async def _commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapsh
     for off in active:
         new = moved.get(off, off)
         final_l1.append(new | OFLAG_COPIED if new and refs.get(new >> cb) == 1 else new)
-    rt_off, rt_clusters, blocks = await _plan_refcounts(img, refs, alloc)
+    bb = cb + 3 - order  # refcount block bits
+    rt_off, rt_clusters, blocks = await _plan_refcounts(img, refs, alloc, bb)
     worst = max(refs.counts)
-    if worst > rc.max_refcount or min(refs.counts) < 0:
-        raise BlockError(errno.EINVAL, f"refcount {worst} out of range 0..{rc.max_refcount}",
+    if worst > max_refcount or min(refs.counts) < 0:
+        if refcount_order is not None:
+            ci = next(i for i, c in enumerate(refs.counts) if c > max_refcount)
+            raise BlockError(errno.EINVAL, f"Cannot decrease refcount entry width to "
+                             f"{1 << order} bits: Cluster at offset {ci << cb:#x} has a "
+                             f"refcount of {refs.counts[ci]}", img.file.name)  # fmt: skip
+        raise BlockError(errno.EINVAL, f"refcount {worst} out of range 0..{max_refcount}",
                          img.file.name)  # fmt: skip
 
     # Everything below goes to clusters nothing live references; the header makes it live.
@@ -502,13 +514,13 @@ async def _commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapsh
         await f.pwrite(l1_off, struct.pack(f">{l1_size}Q", *final_l1))
     if snapshots and not keep_table:
         await f.pwrite(sn_off, table)
-    epb, bb = rc.entries_per_block, rc.block_bits
+    epb = 1 << bb
     for t, boff in sorted(blocks.items()):
         block = bytearray(cs)
         base = t << bb
         for j, count in enumerate(refs.counts[base : base + epb]):
             if count:
-                set_entry(block, j, rc.order, count)
+                set_entry(block, j, order, count)
         await f.pwrite(boff << cb, block)
     entries = [0] * (rt_clusters * cs // 8)
     for t, boff in blocks.items():
@@ -517,14 +529,23 @@ async def _commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapsh
     await f.flush()
     for sn in snapshots:
         sn.pending_l1 = None
-    await img.write_header(attrs.evolve(
+    new_header = attrs.evolve(
         h, l1_table_offset=l1_off, l1_size=l1_size, refcount_table_offset=rt_off << cb,
         refcount_table_clusters=rt_clusters, nb_snapshots=len(snapshots),
-        snapshots_offset=sn_off, size=size))  # fmt: skip
+        snapshots_offset=sn_off, size=size, refcount_order=order)  # fmt: skip
+    if version is not None and version != h.version:
+        new_header = attrs.evolve(new_header, version=version, header_length=V3_HEADER_LENGTH,
+                                  extra_fields=bytes(V3_HEADER_LENGTH - 105))  # fmt: skip
+        new_header = new_header.with_standard_extensions(h.backing_format, h.data_file)
+    await img.write_header(new_header)
 
     # The new state is live: bring the in-memory structures in line.
     img.l1 = final_l1
     img.l2_cache.invalidate()
+    if order != rc.order:
+        img.refcounts = Refcounts(img.file, cb, order, rt_off << cb, entries, rt_clusters,
+                                  rc.cache.capacity, rc.set_table)  # fmt: skip
+        return
     rc.table = entries
     rc.table_offset, rc.table_clusters = rt_off << cb, rt_clusters
     rc.cache.invalidate()
@@ -532,13 +553,12 @@ async def _commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapsh
     rc.free_byte_offset = 0
 
 
-async def _plan_refcounts(img: Qcow2Image, refs: _Refs, alloc: _Allocator
+async def _plan_refcounts(img: Qcow2Image, refs: _Refs, alloc: _Allocator, bb: int
                           ) -> tuple[int, int, dict[int, int]]:  # fmt: skip
-    """Place a refcount table and blocks covering every counted cluster, themselves
-    included: (table cluster, table clusters, {range index: block cluster})."""
+    """Place a refcount table and blocks (of ``1 << bb`` entries) covering every counted
+    cluster, themselves included: (table cluster, table clusters, {range: block cluster})."""
     rc = img.refcounts
     cs = img.geo.cluster_size
-    bb = rc.block_bits
     blocks: dict[int, int] = {}
     table_start = table_clusters = 0
     for _ in range(1000):
