@@ -419,6 +419,7 @@ _ctx_by_loop: dict[asyncio.AbstractEventLoop, AioContext] = {}
 def register_context(ctx: AioContext) -> None:
     """Make ``ctx`` known to the graph lock (done for every context that gets nodes)."""
     _ctx_by_loop[ctx.loop] = ctx
+    _contexts_with_readers.add(ctx)
 
 
 @api(Tier.COMMON)
