@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import queue
@@ -42,6 +43,8 @@ from .errors import BlockError, NotSupportedError, PermissionConflictError
 from .tiers import Tier, api
 from .types import Perm
 from .util import aligned_buffer
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "FALLOC_FL_KEEP_SIZE",
@@ -627,3 +630,51 @@ class ImageLock:
     def held_bytes(self) -> list[int]:
         """Lock bytes this description holds, sorted (tests, diagnostics)."""
         return sorted(self.held)
+
+
+# -------------------------------------------------------------------------------------------
+# Open-time options shared by the drivers built on this engine (file, host_device)
+# -------------------------------------------------------------------------------------------
+
+
+class PosixOpenOptions:
+    """The runtime options QEMU's file-posix drivers share: ``filename``, ``aio``
+    (threads; native only with cache.direct) and ``locking`` (auto/on/off)."""
+
+    __slots__ = ("aio", "filename", "locking")
+
+    def __init__(self, filename: str, aio: str, locking: str) -> None:
+        self.filename, self.aio, self.locking = filename, aio, locking
+
+    @classmethod
+    def from_options(cls, driver: str, options: dict[str, Any], direct: bool,
+                     node_name: str) -> PosixOpenOptions:  # fmt: skip
+        """Take the keys out of ``options`` and check them, with QEMU's messages."""
+        filename = options.pop("filename", None)
+        if not isinstance(filename, str) or not filename:
+            raise BlockError(errno.EINVAL, f"the '{driver}' driver needs a 'filename'", node_name)
+        aio = str(options.pop("aio", "threads"))
+        options.pop("aio-max-batch", None)
+        locking = str(options.pop("locking", "auto"))
+        if aio == "native" and not direct:
+            raise BlockError(errno.EINVAL, "aio=native was specified, but it requires "
+                             "cache.direct=on, which was not specified", filename)  # fmt: skip
+        if aio not in ("threads", "native"):
+            # io_uring is not offered: the inline RWF_NOWAIT path beats QEMU's io_uring on
+            # cached data and the pool matches it on the rest (see benchmarks/bench_raw.py)
+            raise BlockError(errno.EINVAL, f"aio={aio!r} is not supported (use 'threads')",
+                             filename)  # fmt: skip
+        if locking not in ("auto", "on", "off"):
+            raise BlockError(errno.EINVAL, f"invalid locking value {locking!r} (auto, on or off)",
+                             filename)  # fmt: skip
+        return cls(filename, aio, locking)
+
+    def image_lock(self, fd: int) -> ImageLock | None:
+        """The image lock ``locking`` asks for on ``fd`` (None for off, or auto without OFD)."""
+        ofd = ofd_locks_available()
+        if self.locking == "off" or (self.locking == "auto" and not ofd):
+            return None
+        if not ofd:
+            _log.warning("file lock requested but OFD locking syscall is unavailable, "
+                         "falling back to POSIX file locks; they can be lost unexpectedly")
+        return ImageLock(fd, self.filename, ofd=ofd)

@@ -218,21 +218,9 @@ def _probe_limits(st: DeviceState, rdev: int) -> None:
 def open_device(bs: BlockDriverState, options: dict[str, Any], flags: OpenFlags,
                 driver: str) -> DeviceState:  # fmt: skip
     """Open ``options['filename']`` for ``driver`` and probe what it can do. Tier: GS."""
-    filename = options.pop("filename", None)
-    if not isinstance(filename, str) or not filename:
-        raise BlockError(errno.EINVAL, f"the '{driver}' driver needs a 'filename'",
-                         bs.node_name)  # fmt: skip
-    aio = str(options.pop("aio", "threads"))
-    locking = str(options.pop("locking", "auto"))
     direct = bool(flags & OpenFlags.NOCACHE)
-    if aio == "native" and not direct:
-        raise BlockError(errno.EINVAL, "aio=native was specified, but it requires "
-                         "cache.direct=on, which was not specified", filename)  # fmt: skip
-    if aio not in ("threads", "native"):
-        raise BlockError(errno.EINVAL, f"aio={aio!r} is not supported (use 'threads')", filename)
-    if locking not in ("auto", "on", "off"):
-        raise BlockError(errno.EINVAL, f"invalid locking value {locking!r} (auto, on or off)",
-                         filename)  # fmt: skip
+    opts = posix.PosixOpenOptions.from_options(driver, options, direct, bs.node_name)
+    filename = opts.filename
     layer = io_.get_layer()
     node = layer.stat(filename)
     _check_node(driver, filename, node.st_mode)
@@ -247,12 +235,7 @@ def open_device(bs: BlockDriverState, options: dict[str, Any], flags: OpenFlags,
                              "block device or an sg node, not a character device that is "
                              "not SCSI generic: use driver 'file' for image files",
                              filename)  # fmt: skip
-        lock = None
-        if locking == "on" or (locking == "auto" and posix.ofd_locks_available()):
-            if not posix.ofd_locks_available():
-                log.warning("file lock requested but OFD locking syscall is unavailable, "
-                            "falling back to POSIX file locks; they can be lost unexpectedly")
-            lock = posix.ImageLock(fd, filename, ofd=posix.ofd_locks_available())
+        lock = opts.image_lock(fd)
         st = DeviceState(layer, fd, filename, posix.PosixEngine(fd, filename, direct=direct),
                          lock, is_block, sg=sg, cdrom=cdrom, direct=direct)  # fmt: skip
         try:

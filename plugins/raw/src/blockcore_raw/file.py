@@ -110,22 +110,9 @@ def _open(filename: str, flags: OpenFlags, bs: BlockDriverState) -> int:
 
 @hookimpl
 def bdrv_open(bs: BlockDriverState, options: dict[str, Any], flags: OpenFlags) -> None:
-    filename = options.pop("filename", None)
-    if not isinstance(filename, str) or not filename:
-        raise BlockError(errno.EINVAL, "the 'file' driver needs a 'filename'", bs.node_name)
-    aio = str(options.pop("aio", "threads"))
-    options.pop("aio-max-batch", None)
-    locking = str(options.pop("locking", "auto"))
-    if aio == "native" and not flags & OpenFlags.NOCACHE:
-        raise BlockError(errno.EINVAL, "aio=native was specified, but it requires "
-                         "cache.direct=on, which was not specified", filename)  # fmt: skip
-    if aio not in ("threads", "native"):
-        # io_uring is not offered: the inline RWF_NOWAIT path beats QEMU's io_uring on cached
-        # data and the pool matches it on the rest (see benchmarks/bench_raw.py)
-        raise BlockError(errno.EINVAL, f"aio={aio!r} is not supported (use 'threads')", filename)
-    if locking not in ("auto", "on", "off"):
-        raise BlockError(errno.EINVAL, f"invalid locking value {locking!r} (auto, on or off)",
-                         filename)  # fmt: skip
+    opts = posix.PosixOpenOptions.from_options("file", options, bool(flags & OpenFlags.NOCACHE),
+                                               bs.node_name)  # fmt: skip
+    filename = opts.filename
     fd = _open(filename, flags, bs)
     try:
         st_mode = os.fstat(fd).st_mode
@@ -135,12 +122,7 @@ def bdrv_open(bs: BlockDriverState, options: dict[str, Any], flags: OpenFlags) -
             raise BlockError(errno.EINVAL, f"'file' driver requires {filename!r} to be a "
                              "regular file (use 'host_device' for devices)", filename)  # fmt: skip
         direct = bool(flags & OpenFlags.NOCACHE)
-        lock = None
-        if locking == "on" or (locking == "auto" and posix.ofd_locks_available()):
-            if not posix.ofd_locks_available():
-                log.warning("file lock requested but OFD locking syscall is unavailable, "
-                            "falling back to POSIX file locks; they can be lost unexpectedly")
-            lock = posix.ImageLock(fd, filename, ofd=posix.ofd_locks_available())
+        lock = opts.image_lock(fd)
         st = FileState(fd, filename, posix.PosixEngine(fd, filename, direct=direct), lock)
         if direct:
             st.request_alignment, st.buf_alignment = posix.probe_alignment(fd, filename)
