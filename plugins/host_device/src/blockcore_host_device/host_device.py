@@ -4,7 +4,6 @@ file-posix ``hdev_*``), on :mod:`blockcore.posix`'s engine. ``host_cdrom`` reuse
 from __future__ import annotations
 
 import errno
-import logging
 import mmap
 import os
 import stat
@@ -33,7 +32,6 @@ from . import ioctl as io_
 from .ioctl import IoctlLayer
 
 F = BdrvRequestFlags
-log = logging.getLogger("blockcore_host_device")
 
 RUNTIME_OPTS = (
     OptionSpec("filename", "string", "path of the device node"),

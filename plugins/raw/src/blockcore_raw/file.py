@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 import mmap
 import os
 import stat
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 
 F = BdrvRequestFlags
 S = BlockStatusFlags
-log = logging.getLogger("blockcore_raw")
 
 _PREALLOC_HELP = "preallocation mode (off, falloc, full)"
 CREATE_OPTS = (
