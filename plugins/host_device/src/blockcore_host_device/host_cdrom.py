@@ -4,6 +4,7 @@ file-posix ``cdrom_*``); everything but the medium handling is host_device's."""
 from __future__ import annotations
 
 import errno
+import logging
 import stat
 from typing import Any
 
@@ -26,10 +27,11 @@ from .host_device import (  # noqa: F401  (hook implementations shared with host
     bdrv_refresh_limits,
     bdrv_set_perm,
     device_length,
-    log,
     open_device,
     state,
 )
+
+log = logging.getLogger("blockcore_host_device")
 
 # No bdrv_co_pwrite_zeroes / bdrv_co_pdiscard: QEMU's host_cdrom has none (optical media
 # do not discard; zero writes go through the core's fallback on writable media).
