@@ -80,7 +80,8 @@ DRIVER_DIFFERENCES: dict[tuple[str, str], str] = {
     ("io-blkdebug", "qemu-img check bd.qcow2"):
         "blockcore-qcow2 allocates the data cluster before the L2 table (fragmentation 50%)",
     ("img-rebase-commit", "qemu-img map --output=json t.qcow2"):
-        "blockcore-qcow2 has no bdrv_make_empty: commit leaves the top image's data",
+        "blockcore-img commit copies the top's zero clusters as data into the raw base "
+        "(QEMU's commit writes zeroes, which the file driver punches)",
 }
 
 

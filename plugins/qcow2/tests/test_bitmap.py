@@ -285,3 +285,43 @@ def test_stale_extension_is_dropped(tmp_path: Path) -> None:
     proc = qemu_img("check", "--output=json", str(img), check=False)
     res = json.loads(proc.stdout)
     assert not res.get("corruptions") and res.get("leaks")
+
+
+def test_commit_and_rebase_across_snapshots_and_bitmaps(tmp_path: Path) -> None:
+    """A chain whose layers carry snapshots and bitmaps: commit and rebase (safe and unsafe)
+    give what qemu-img gives, bitmaps of the base track the committed data."""
+    for who in ("q", "b"):
+        base = create(tmp_path / f"{who}base.qcow2", "4M")
+        qemu_io(base, "write -P 1 0 1M")
+        qemu_img("bitmap", "--add", str(base), "bb")
+        qemu_img("snapshot", "-c", "sb", str(base))
+        top = create(tmp_path / f"{who}top.qcow2", "4M", "", "-b", base.name, "-F", "qcow2")
+        qemu_io(top, "write -P 2 512k 1M")
+        qemu_img("bitmap", "--add", str(top), "tb")
+        qemu_img("snapshot", "-c", "st", str(top))
+    q = (tmp_path / "qbase.qcow2", tmp_path / "qtop.qcow2")
+    b = (tmp_path / "bbase.qcow2", tmp_path / "btop.qcow2")
+    qemu_img("commit", str(q[1]))
+    ours("img", "commit", str(b[1]))
+    for x, y in zip(q, b):
+        check_clean(y)
+        assert qemu_img("compare", str(x), str(y), check=False).returncode == 0
+        assert specific(qemu_img("info", "--output=json", str(y)).stdout) == \
+            specific(qemu_img("info", "--output=json", str(x)).stdout)  # fmt: skip
+    assert qemu_dirty(b[0], "bb") == qemu_dirty(q[0], "bb") == [(512 << 10, MiB)]
+    # the top was emptied (bdrv_make_empty), its snapshot kept
+    assert [{k: v for k, v in e.items() if k != "offset"} for e in
+            json.loads(qemu_img("map", "--output=json", str(b[1])).stdout)] == \
+        [{k: v for k, v in e.items() if k != "offset"} for e in
+         json.loads(qemu_img("map", "--output=json", str(q[1])).stdout)]  # fmt: skip
+    assert [s["name"] for s in info(b[1])["snapshots"]] == ["st"]
+    # safe rebase onto nothing (data copied into the top), then unsafe back
+    qemu_img("rebase", "-b", "", str(q[1]))
+    ours("img", "rebase", "-b", "", str(b[1]))
+    check_clean(b[1])
+    assert qemu_img("compare", str(q[1]), str(b[1]), check=False).returncode == 0
+    assert qemu_dirty(b[1], "tb") == qemu_dirty(q[1], "tb")
+    ours("img", "rebase", "-u", "-b", b[0].name, "-F", "qcow2", str(b[1]))
+    assert info(b[1])["backing-filename"] == b[0].name
+    assert [s["name"] for s in info(b[1])["snapshots"]] == ["st"]
+    check_clean(b[1])

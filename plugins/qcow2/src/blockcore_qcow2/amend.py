@@ -1,4 +1,5 @@
-"""``amend``: change creation options of an existing image (qcow2_amend_options).
+"""``amend``: change creation options of an existing image (qcow2_amend_options); and
+``make_empty`` for commit.
 
 What can change, in QEMU's order: upgrade to compat 1.1 (snapshot table rewritten with
 full extra data), refcount_bits (the refcount structure rebuilt at the new width through
@@ -234,3 +235,18 @@ async def _expand_zero_clusters(img: Qcow2Image, has_backing: bool) -> None:
             img.l2_cache.mark_dirty(off)
             await img.l2_cache.flush()
     await img.file.flush()
+
+
+async def make_empty(img: Qcow2Image) -> None:
+    """Drop every cluster of the disk so it reads from the backing file again, after a
+    commit (qcow2_make_empty). The active L1 entries covering the disk become empty through
+    :func:`.snapshot.commit`, so snapshots, bitmaps and the VM state keep theirs and a crash
+    leaves the old or the new image."""
+    async with img.lock:
+        await img.ensure_writable()
+        await img.flush_metadata()
+        await img.refcounts.flush()
+        disk = img.geo.size_to_l1(img.header.size)
+        active = [0 if i < disk else e & L1E_OFFSET_MASK for i, e in enumerate(img.l1)]
+        snapshots, table_size = await snapshot.read_table(img)
+        await snapshot.commit(img, active, snapshots, img.header.size, keep_table=table_size)

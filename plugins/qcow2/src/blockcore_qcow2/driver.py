@@ -676,3 +676,10 @@ def bdrv_amend_options(bs: Any, options: dict[str, Any], force: bool) -> None:
         bs.total_bytes = -(-size // 512) * 512
         for bitmap in bs.dirty_bitmaps:
             bitmap.resize(bs.total_bytes)
+
+
+@hookimpl
+def bdrv_make_empty(bs: Any) -> None:
+    from . import amend
+
+    run_co(bs, amend.make_empty(bs.opaque.image))
