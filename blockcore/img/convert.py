@@ -336,14 +336,16 @@ async def _write(s: ConvertState, sector_num: int, nb_sectors: int, data: Any,
 
 
 async def _copy_range(s: ConvertState, sector_num: int, nb_sectors: int) -> None:
+    from ..aio import bdrv_graph_co_rdlock
     from ..special import bdrv_co_copy_range
 
     while nb_sectors > 0:
         cur, base = _select_part(s, sector_num)
         offset = (sector_num - base) * SECTOR
         n = min(nb_sectors, s.src_sectors[cur] - (sector_num - base))
-        await bdrv_co_copy_range(s.src[cur].root, offset, s.target.root, sector_num * SECTOR,
-                                 n * SECTOR, F.NONE, F.NONE)
+        async with bdrv_graph_co_rdlock():
+            await bdrv_co_copy_range(s.src[cur].root, offset, s.target.root,
+                                     sector_num * SECTOR, n * SECTOR, F.NONE, F.NONE)
         sector_num += n
         nb_sectors -= n
 
