@@ -403,7 +403,7 @@ async def bdrv_co_pwritev(
     """
     bs = child.bs
     flags = int(flags)
-    drv = _enter("bdrv_co_pwritev", bs)
+    _enter("bdrv_co_pwritev", bs)
     assert_bdrv_graph_readable("bdrv_co_pwritev")
     if bs.removable_below:
         await _check_medium(bs)
@@ -446,7 +446,6 @@ async def bdrv_co_pwritev(
         bs.in_flight -= 1
         if _waiters:
             aio_wait_kick()
-    del drv
 
 
 def _write_allowed(child: BdrvChild, end: int, flags: F) -> None:
