@@ -18,11 +18,10 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 
 from .backend import BlockBackend
 from .drivers import hookimpl, register_driver, unregister_driver
-from .errors import BlockError, NotSupportedError
+from .errors import BlockError
 from .graph import BlockDriverState
 from .types import (
     BdrvRequestFlags,
@@ -35,10 +34,38 @@ from .types import (
     PreallocMode,
 )
 
-__all__ = ["MemoryDriver", "check_driver", "requires_qemu", "requires_root"]
+__all__ = ["InProcessDriver", "MemoryDriver", "check_driver", "requires_qemu", "requires_root"]
 
 
-class MemoryDriver:
+class InProcessDriver:
+    """Base for in-process test drivers: registration by name and the core's guarantee
+    checks (alignment, max_transfer, non-empty) that every I/O hook runs first."""
+
+    name: str
+
+    def register(self) -> InProcessDriver:
+        """Register in-process (GS); returns self."""
+        register_driver(self, self.name)
+        return self
+
+    def unregister(self) -> None:
+        """Forget the driver (GS)."""
+        unregister_driver(self.name)
+
+    def _check(self, bs: BlockDriverState, hook: str, offset: int, length: int,
+               transfer: bool = True) -> None:  # fmt: skip
+        """Raise AssertionError if the core broke a guarantee (``transfer``: the request is
+        bound by max_transfer, as reads and writes are)."""
+        align = bs.bl.request_alignment
+        if offset % align or length % align:
+            raise AssertionError(f"{hook}: offset {offset} length {length} not aligned to {align}")
+        if transfer and bs.bl.max_transfer and length > bs.bl.max_transfer:
+            raise AssertionError(f"{hook}: length {length} > max_transfer {bs.bl.max_transfer}")
+        if length <= 0:
+            raise AssertionError(f"{hook}: empty request")
+
+
+class MemoryDriver(InProcessDriver):
     """An in-memory protocol driver with configurable limits, for tests.
 
     Open with ``{"driver": name, "size": N}`` (add ``"filename": key`` to find the same data
@@ -89,24 +116,6 @@ class MemoryDriver:
             self.bdrv_co_pdiscard = None  # type: ignore[assignment]
         if not cluster_size:
             self.bdrv_co_get_info = None  # type: ignore[assignment]
-
-    def register(self) -> MemoryDriver:
-        """Register in-process (GS); returns self."""
-        register_driver(self, self.name)
-        return self
-
-    def unregister(self) -> None:
-        """Forget the driver (GS)."""
-        unregister_driver(self.name)
-
-    def _check(self, bs: BlockDriverState, hook: str, offset: int, length: int) -> None:
-        align = bs.bl.request_alignment
-        if offset % align or length % align:
-            raise AssertionError(f"{hook}: offset {offset} length {length} not aligned to {align}")
-        if hook in ("preadv", "pwritev") and bs.bl.max_transfer and length > bs.bl.max_transfer:
-            raise AssertionError(f"{hook}: length {length} > max_transfer {bs.bl.max_transfer}")
-        if length <= 0:
-            raise AssertionError(f"{hook}: empty request")
 
     @hookimpl
     def bdrv_describe(self) -> DriverDescriptor:
@@ -306,6 +315,3 @@ def requires_qemu() -> str | None:
             return f"needs {tool} (Debian package qemu-utils; .ci/run installs it)"
     return None
 
-
-# keep attrs imported for drivers that subclass MemoryDriver with evolved limits
-_ = (attrs, NotSupportedError)

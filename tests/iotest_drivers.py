@@ -26,10 +26,10 @@ import blockcore
 from blockcore import hookimpl, io
 from blockcore.aio import bdrv_graph_co_rdlock
 from blockcore.backend import BlockBackend
-from blockcore.drivers import register_driver, unregister_driver
+from blockcore.drivers import unregister_driver
 from blockcore.errors import NotSupportedError
 from blockcore.graph import BlockDriverState, bdrv_open, bdrv_open_child, bdrv_unref
-from blockcore.testing import MemoryDriver
+from blockcore.testing import InProcessDriver, MemoryDriver
 from blockcore.types import (
     BdrvRequestFlags,
     BlockDriverInfo,
@@ -95,7 +95,7 @@ class CowState:
         self.size = size
 
 
-class CowDriver:
+class CowDriver(InProcessDriver):
     """An in-memory copy-on-write format with a backing child, for tests.
 
     Open with ``{"driver": name, "size": N}`` (plus ``"backing": node`` for a chain).
@@ -132,23 +132,6 @@ class CowDriver:
             self.bdrv_co_writev_vmstate = None  # type: ignore[assignment]
         if not events:
             self.bdrv_co_debug_event = None  # type: ignore[assignment]
-
-    def register(self) -> CowDriver:
-        register_driver(self, self.name)
-        return self
-
-    def unregister(self) -> None:
-        unregister_driver(self.name)
-
-    def _check(self, bs: BlockDriverState, hook: str, offset: int, length: int,
-               transfer: bool = True) -> None:  # fmt: skip
-        align = bs.bl.request_alignment
-        if offset % align or length % align:
-            raise AssertionError(f"{hook}: offset {offset} length {length} not aligned to {align}")
-        if transfer and bs.bl.max_transfer and length > bs.bl.max_transfer:
-            raise AssertionError(f"{hook}: length {length} > max_transfer {bs.bl.max_transfer}")
-        if length <= 0:
-            raise AssertionError(f"{hook}: empty request")
 
     @hookimpl
     def bdrv_describe(self) -> DriverDescriptor:
@@ -302,7 +285,7 @@ class CowDriver:
 # -------------------------------------------------------------------------------------------
 
 
-class FilterDriver:
+class FilterDriver(InProcessDriver):
     """A pass-through filter over its ``file`` child (records what it forwards)."""
 
     def __init__(self, name: str | None = None, *, ioctl: bool = False,
@@ -316,13 +299,6 @@ class FilterDriver:
             self.bdrv_co_eject = None  # type: ignore[assignment]
             self.bdrv_co_lock_medium = None  # type: ignore[assignment]
             self.bdrv_co_is_inserted = None  # type: ignore[assignment]
-
-    def register(self) -> FilterDriver:
-        register_driver(self, self.name)
-        return self
-
-    def unregister(self) -> None:
-        unregister_driver(self.name)
 
     @hookimpl
     def bdrv_describe(self) -> DriverDescriptor:
