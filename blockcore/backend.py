@@ -250,24 +250,9 @@ class BlockBackend:
                     or offset + length > root.bs.total_bytes \
                     or root.bs.bl.has_variable_length:  # fmt: skip
                 root = await self._start(offset, length, True)
-            ctx = root.bs.aio_context
-            if aio_mod._has_writer or _get_running_loop() is not ctx.loop:
-                await self._rdlocked(root, bdrv_co_preadv, offset, length, buf, flags)
-                return
-            # the graph read lock, inline: one coroutine frame less per request
-            ctx.graph_readers += 1
-            token = _rdlock_depth.set(1)
-            try:
-                await bdrv_co_preadv(root, offset, length, buf, flags)
-            finally:
-                _rdlock_depth.reset(token)
-                ctx.graph_readers -= 1
-                if aio_mod._has_writer:
-                    aio_wait_kick()
+            await self._rdlocked(root, bdrv_co_preadv, offset, length, buf, flags)
         finally:
-            self.in_flight -= 1
-            if _waiters:
-                aio_wait_kick()
+            self._end()
 
     async def co_pwritev(self, offset: int, length: int, buf: Any, flags: F = F.NONE) -> None:
         """Write from ``buf``. Tier: I/O."""
@@ -277,24 +262,9 @@ class BlockBackend:
             if root is None or self.quiesce_counter or offset < 0 or length < 0 \
                     or offset + length > root.bs.total_bytes:  # fmt: skip
                 root = await self._start(offset, length, not self.allow_write_beyond_eof)
-            ctx = root.bs.aio_context
-            if aio_mod._has_writer or _get_running_loop() is not ctx.loop:
-                await self._rdlocked(root, bdrv_co_pwritev, offset, length, buf, flags)
-                return
-            # the graph read lock, inline: one coroutine frame less per request
-            ctx.graph_readers += 1
-            token = _rdlock_depth.set(1)
-            try:
-                await bdrv_co_pwritev(root, offset, length, buf, flags)
-            finally:
-                _rdlock_depth.reset(token)
-                ctx.graph_readers -= 1
-                if aio_mod._has_writer:
-                    aio_wait_kick()
+            await self._rdlocked(root, bdrv_co_pwritev, offset, length, buf, flags)
         finally:
-            self.in_flight -= 1
-            if _waiters:
-                aio_wait_kick()
+            self._end()
 
     async def co_pwrite_zeroes(self, offset: int, length: int, flags: F = F.NONE) -> None:
         """Zero a range. Tier: I/O."""
