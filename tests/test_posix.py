@@ -131,6 +131,77 @@ def test_uncached_read_falls_back_to_pool(tmp_path: Path, monkeypatch: pytest.Mo
     os.close(fd)
 
 
+def _pool_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of each function the engine hands to the thread pool."""
+    sent: list[str] = []
+    real = posix._Pool.run
+
+    async def spy(self: posix._Pool, fn, *args):  # type: ignore[no-untyped-def]
+        sent.append(fn.__name__)
+        return await real(self, fn, *args)
+
+    monkeypatch.setattr(posix._Pool, "run", spy)
+    return sent
+
+
+def test_buffered_write_never_uses_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ext4 refuses RWF_NOWAIT writes: writes up to INLINE_WRITE_MAX are then copied inline
+    (XFS/btrfs take RWF_NOWAIT instead; neither path hops to the pool)."""
+    fd = make_file(tmp_path / "a.img", 8 * MiB)
+    eng = posix.PosixEngine(fd, "a.img")
+    sent = _pool_spy(monkeypatch)
+    data = os.urandom(posix.INLINE_WRITE_MAX)
+
+    async def go() -> None:
+        for off in range(0, 8 * MiB, MiB):
+            await eng.pwritev(memoryview(data)[:MiB], off)
+        await eng.pwritev(memoryview(data), 4 * MiB)
+
+    run(go())
+    assert sent == []
+    assert os.pread(fd, MiB, 4 * MiB) == data[:MiB]
+    run(eng.pwritev(memoryview(data + b"x"), 0))  # above INLINE_WRITE_MAX: the pool
+    assert sent == ["_pwrite_full"] or eng.nowait_write
+    os.close(fd)
+
+
+def test_stalled_inline_write_sends_writes_to_pool(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel stall (dirty-page throttling) cannot be provoked on demand, so the first write
+    is slowed by a sleep: the next writes go to the pool until the back-off ends."""
+    fd = make_file(tmp_path / "a.img", MiB)
+    eng = posix.PosixEngine(fd, "a.img")
+    eng.nowait_write = False  # as on ext4/tmpfs, whatever this filesystem is
+    eng.inline = False
+    monkeypatch.setattr(posix, "INLINE_BACKOFF", 0.3)
+    sent = _pool_spy(monkeypatch)
+    real = posix._pwrite_full
+    slow = [True]
+
+    def pwrite(fd_: int, buf: memoryview, offset: int) -> None:
+        if slow.pop() if slow else False:
+            time.sleep(0.05)
+        real(fd_, buf, offset)
+
+    monkeypatch.setattr(posix, "_pwrite_full", pwrite)
+    run(eng.pwritev(memoryview(b"a" * 4096), 0))
+    assert sent == []  # the slow write itself ran inline
+    run(eng.pwritev(memoryview(b"b" * 4096), 4096))
+    assert sent == ["pwrite"]
+    time.sleep(0.4)
+    run(eng.pwritev(memoryview(b"c" * 4096), 8192))
+    assert sent == ["pwrite"]  # back inline after the back-off
+    assert os.pread(fd, 3 * 4096, 0) == b"a" * 4096 + b"b" * 4096 + b"c" * 4096
+    os.close(fd)
+
+
+def test_stall_threshold() -> None:
+    assert not posix._stalled(0.004, MiB)  # a busy machine's hiccup
+    assert posix._stalled(0.050, MiB)
+    assert not posix._stalled(0.015, 4 * MiB)  # 4 MiB at ~280 MB/s plus 10 ms is allowed
+    assert posix._stalled(0.030, 4 * MiB)
+
+
 def test_many_parallel_requests(fsdir: Path) -> None:
     fd = make_file(fsdir / "a.img", 8 * MiB)
     eng = posix.PosixEngine(fd, "a.img")
