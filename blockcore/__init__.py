@@ -12,8 +12,9 @@ General layout:
 - :mod:`blockcore.io` is the request path; :mod:`blockcore.status` block status;
   :mod:`blockcore.drain` drained sections; :mod:`blockcore.cor` copy-on-read;
   :mod:`blockcore.info` and :mod:`blockcore.special` the rest of QEMU's block-io.h.
-- :mod:`blockcore.posix` is the POSIX I/O engine shared by file-like drivers;
-  :mod:`blockcore.testing` the conformance kit for driver authors.
+- :mod:`blockcore.posix` is the POSIX I/O engine shared by file-like drivers, on
+  :mod:`blockcore.threadpool` (blocking calls) and :mod:`blockcore.imagelock` (QEMU's image
+  locking); :mod:`blockcore.testing` is the conformance kit for driver authors.
 
 The formats themselves live in separate distributions (blockcore-raw, blockcore-qcow2, ...).
 """

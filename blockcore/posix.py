@@ -3,14 +3,15 @@
 - :class:`PosixEngine`: async ``preadv``/``pwritev``/``flush``/``fallocate``/``copy_range`` on
   one fd. Reads first try ``os.preadv(..., RWF_NOWAIT)`` inline in the coroutine, so data in
   the page cache never pays a thread hop (a hop costs 20-90 us, a cached 4 KiB read 1.5 us);
-  what would block runs in a shared thread pool. tmpfs refuses ``RWF_NOWAIT`` but never
-  blocks on I/O, so memory filesystems are read and written inline.
+  what would block runs in :mod:`blockcore.threadpool`. tmpfs refuses ``RWF_NOWAIT`` but
+  never blocks on I/O, so memory filesystems are read and written inline.
 - :func:`seek_extent`, :func:`extents`, :func:`allocated_size`: block status from
   ``SEEK_DATA``/``SEEK_HOLE``, allocation from ``st_blocks``.
 - :func:`probe_alignment`: O_DIRECT request and buffer alignment (``raw_probe_alignment``).
-- :class:`ImageLock`: QEMU's image locking, with open-file-description locks on bytes
-  100+bit (held permissions) and 200+bit (unshared ones), so blockcore and QEMU processes
-  respect each other's locks.
+- :class:`PosixOpenOptions`: the open options the drivers built on the engine share.
+- Re-exported for those drivers: :class:`~blockcore.imagelock.ImageLock` and
+  :func:`~blockcore.imagelock.ofd_locks_available` (QEMU's image locking),
+  :func:`~blockcore.threadpool.run_blocking` (the thread pool).
 
 Buffered writes where the filesystem accepts ``RWF_NOWAIT`` writes (XFS, btrfs) use it like
 reads. Elsewhere (ext4 and tmpfs answer ``EOPNOTSUPP``; tried once per fd) a write of up to
@@ -20,13 +21,10 @@ and a qcow2 -> raw convert from 0.61 to 1.0. Nothing can tell in advance that th
 make a writer wait (dirty-page throttling, block allocation): an inline write that takes much
 longer than a memory copy would (:func:`_stalled`) sends this fd's writes to the pool for
 :data:`INLINE_BACKOFF` seconds, so the event loop stalls at most once per back-off period.
-The pool is our own, not ``run_in_executor``: no concurrent.futures.Future per request, one
-loop wake-up per batch of completions (4 KiB pool reads at depth 32: 55-100k/s against 23k/s).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import errno
@@ -34,18 +32,15 @@ import fcntl
 import logging
 import mmap
 import os
-import queue
 import stat
 import struct
-import threading
 import time
-import weakref
-from collections.abc import Callable
 from typing import Any
 
-from .errors import BlockError, NotSupportedError, PermissionConflictError
+from .errors import BlockError, NotSupportedError
+from .imagelock import ImageLock, ofd_locks_available
+from .threadpool import run_blocking
 from .tiers import Tier, api
-from .types import Perm
 from .util import aligned_buffer
 
 _log = logging.getLogger(__name__)
@@ -54,14 +49,18 @@ __all__ = [
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
     "FALLOC_FL_ZERO_RANGE",
+    "INLINE_BACKOFF",
+    "INLINE_WRITE_MAX",
     "ImageLock",
     "PosixEngine",
+    "PosixOpenOptions",
     "allocated_size",
     "extents",
     "fallocate",
     "ofd_locks_available",
     "open_fd",
     "probe_alignment",
+    "run_blocking",
     "seek_extent",
 ]
 
@@ -77,115 +76,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
 
-# -------------------------------------------------------------------------------------------
-# Thread pool (QEMU's thread-pool.c)
-# -------------------------------------------------------------------------------------------
-
-POOL_WORKERS = 64  # QEMU's maximum
 #: Largest buffered write copied inline (bigger ones go to the pool: about 1 ms of copying).
 INLINE_WRITE_MAX = 4 << 20
 #: How long an fd's writes go to the pool after an inline write stalled, in seconds.
 INLINE_BACKOFF = 1.0
-
-
-class _Completions:
-    """Results from pool threads for one event loop, handed over with one wake-up per batch."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.items: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        self.lock = threading.Lock()
-
-    def push(self, fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-        with self.lock:
-            self.items.append((fut, ok, value))
-            if len(self.items) > 1:
-                return  # a wake-up is already on its way
-        with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
-            self.loop.call_soon_threadsafe(self.deliver)
-
-    def deliver(self) -> None:
-        with self.lock:
-            items, self.items = self.items, []
-        for fut, ok, value in items:
-            if not fut.done():
-                fut.set_result(value) if ok else fut.set_exception(value)
-
-
-class _Pool:
-    """Daemon threads started on demand up to :data:`POOL_WORKERS`, fed by one queue."""
-
-    def __init__(self, max_workers: int) -> None:
-        self.max_workers = max_workers
-        self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.threads = self.idle = 0
-        self.done: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Completions] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def _worker(self) -> None:
-        while True:
-            fn, args, fut, done = self.queue.get()
-            try:
-                value, ok = fn(*args), True
-            except BaseException as exc:  # noqa: BLE001  (handed to the waiting coroutine)
-                value, ok = exc, False
-            with self.lock:
-                self.idle += 1
-            done.push(fut, ok, value)
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in a pool thread and return its result.
-
-        A cancelled caller waits for the call to finish (it may be using the caller's
-        buffer), then raises CancelledError: the future refuses to be cancelled, so the
-        task is cancelled once it completes.
-        """
-        loop = asyncio.get_running_loop()
-        done = self.done.get(loop)
-        if done is None:
-            done = self.done[loop] = _Completions(loop)
-        fut = _PoolFuture(loop=loop)
-        with self.lock:  # each call claims an idle thread, or starts one while allowed
-            spawn = not self.idle and self.threads < self.max_workers
-            if spawn:
-                self.threads += 1
-            elif self.idle:
-                self.idle -= 1
-        if spawn:
-            threading.Thread(target=self._worker, name="blockcore-posix", daemon=True).start()
-        self.queue.put((fn, args, fut, done))
-        return await fut
-
-
-class _PoolFuture(asyncio.Future):  # type: ignore[type-arg]
-    def cancel(self, msg: Any = None) -> bool:
-        return False
-
-
-_pool: _Pool | None = None
-
-
-def _get_pool() -> _Pool:
-    global _pool
-    if _pool is None:
-        _pool = _Pool(POOL_WORKERS)
-    return _pool
-
-
-def _forget_pool() -> None:
-    global _pool
-    _pool = None  # a forked child has none of the parent's threads
-
-
-os.register_at_fork(after_in_child=_forget_pool)
-
-
-async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run a blocking call (an ioctl such as BLKDISCARD or SG_IO) in the engine's thread pool
-    and return its result; the event loop goes on meanwhile. Tier: I/O."""
-    return await _get_pool().run(fn, *args)
 
 # -------------------------------------------------------------------------------------------
 # Blocking helpers (run in pool threads, or inline where they cannot block)
@@ -321,9 +215,9 @@ class PosixEngine:
                 _pread_full(fd, buf, offset)
                 return
             if self.direct:
-                await _get_pool().run(_direct_io, False, fd, buf, offset)
+                await run_blocking(_direct_io, False, fd, buf, offset)
             else:
-                await _get_pool().run(_pread_full, fd, buf, offset)
+                await run_blocking(_pread_full, fd, buf, offset)
         except OSError as exc:
             if exc.filename is None:
                 exc.filename = self.filename
@@ -362,9 +256,9 @@ class PosixEngine:
                         self._pool_writes_until = start + took + INLINE_BACKOFF
                     return
             if self.direct:
-                await _get_pool().run(_direct_io, True, fd, buf, offset)
+                await run_blocking(_direct_io, True, fd, buf, offset)
             else:
-                await _get_pool().run(_pwrite_full, fd, buf, offset)
+                await run_blocking(_pwrite_full, fd, buf, offset)
         except OSError as exc:
             if exc.filename is None:
                 exc.filename = self.filename
@@ -379,7 +273,7 @@ class PosixEngine:
         if self._flush_error is not None:
             raise self._flush_error
         try:
-            await _get_pool().run(os.fdatasync, self.fd)
+            await run_blocking(os.fdatasync, self.fd)
         except OSError as exc:
             if exc.filename is None:
                 exc.filename = self.filename
@@ -389,7 +283,7 @@ class PosixEngine:
 
     async def fallocate(self, mode: int, offset: int, length: int) -> None:
         """:func:`fallocate` in the pool. Tier: I/O."""
-        await _get_pool().run(fallocate, self.fd, mode, offset, length, self.filename)
+        await run_blocking(fallocate, self.fd, mode, offset, length, self.filename)
 
     async def punch_hole(self, offset: int, length: int) -> None:
         """Deallocate a range keeping the size; it reads as zeros. Tier: I/O."""
@@ -405,7 +299,7 @@ class PosixEngine:
 
     async def truncate(self, length: int) -> None:
         """``ftruncate`` in the pool (freeing many blocks takes a while). Tier: I/O."""
-        await _get_pool().run(os.ftruncate, self.fd, length)
+        await run_blocking(os.ftruncate, self.fd, length)
 
     async def copy_range(self, dst: PosixEngine, src_offset: int, dst_offset: int,
                          length: int) -> None:  # fmt: skip
@@ -414,7 +308,7 @@ class PosixEngine:
         :raises NotSupportedError: the kernel refused (EXDEV, EINVAL, ENOSYS, EOPNOTSUPP) or
             the source ended early; the caller then copies through buffers.
         """
-        await _get_pool().run(_copy_range, self.fd, dst.fd, src_offset, dst_offset, length,
+        await run_blocking(_copy_range, self.fd, dst.fd, src_offset, dst_offset, length,
                               self.filename)  # fmt: skip
 
     def getlength(self) -> int:
@@ -529,137 +423,6 @@ def probe_alignment(fd: int, filename: str) -> tuple[int, int]:
         raise BlockError(errno.EINVAL, "could not find working O_DIRECT alignment "
                          "(try cache.direct=off)", filename)  # fmt: skip
     return req, buf_align
-
-
-# -------------------------------------------------------------------------------------------
-# Image locking (QEMU's raw_apply_lock_bytes, raw_check_lock_bytes, raw_handle_perm_lock)
-# -------------------------------------------------------------------------------------------
-
-LOCK_PERM_BASE = 100
-LOCK_SHARED_BASE = 200
-_FLOCK = "hhqqi4x"  # struct flock (x86_64, aarch64): type, whence, start, len, pid
-_PERM_BITS = (Perm.CONSISTENT_READ, Perm.WRITE, Perm.WRITE_UNCHANGED, Perm.RESIZE)
-_ofd_available: bool | None = None
-
-
-@api(Tier.COMMON)
-def ofd_locks_available() -> bool:
-    """Whether the kernel has open-file-description locks (probed once). Tier: common."""
-    global _ofd_available
-    if _ofd_available is None:
-        fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, 0, 0, 0, 0))
-            _ofd_available = True
-        except (OSError, AttributeError):
-            _ofd_available = False
-        finally:
-            os.close(fd)
-    return _ofd_available
-
-
-def _lock_bytes(perm: Perm, unshared: Perm) -> set[int]:
-    return {LOCK_PERM_BASE + i for i, b in enumerate(_PERM_BITS) if perm & b} | {
-        LOCK_SHARED_BASE + i for i, b in enumerate(_PERM_BITS) if unshared & b
-    }
-
-
-class ImageLock:
-    """Permission locks on one fd, interoperable with QEMU. Tier: GS.
-
-    While the node holds permission bit ``i``, byte ``100+i`` carries a shared lock; while it
-    does not share bit ``i``, byte ``200+i`` does. Whoever wants bit ``i`` tests byte
-    ``200+i``; whoever refuses to share it tests ``100+i``. A permission update is
-    :meth:`prepare`, then :meth:`commit` or :meth:`abort`. ``ofd=False`` uses POSIX locks
-    (QEMU's ``locking=on`` without OFD locks; they are lost when any fd of the file closes).
-    """
-
-    def __init__(self, fd: int, filename: str, *, ofd: bool = True) -> None:
-        self.fd = fd
-        self.filename = filename
-        self._getlk = fcntl.F_OFD_GETLK if ofd else fcntl.F_GETLK
-        self._setlk = fcntl.F_OFD_SETLK if ofd else fcntl.F_SETLK
-        self.perm, self.shared = Perm.NONE, Perm.ALL  # committed
-        self.held: set[int] = set()  # lock bytes held now
-
-    def _fcntl(self, cmd: int, kind: int, byte: int) -> int:
-        raw = fcntl.fcntl(self.fd, cmd, struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0))
-        return int(struct.unpack(_FLOCK, raw)[0])
-
-    def apply(self, perm: Perm, unshared: Perm, unlock: bool) -> None:
-        """Lock the bytes for ``perm`` and ``unshared``; with ``unlock`` drop all others."""
-        want = _lock_bytes(perm, unshared)
-        for byte in sorted(want - self.held):
-            try:
-                self._fcntl(self._setlk, fcntl.F_RDLCK, byte)
-            except OSError as exc:
-                raise PermissionConflictError(f"failed to lock byte {byte}: {exc.strerror}",
-                                              self.filename) from None  # fmt: skip
-            self.held.add(byte)
-        if unlock:
-            for byte in sorted(self.held - want):
-                with contextlib.suppress(OSError):  # QEMU ignores unlock failures (NFS)
-                    self._fcntl(self._setlk, fcntl.F_UNLCK, byte)
-                self.held.discard(byte)
-
-    def check(self, perm: Perm, shared: Perm) -> None:
-        """Raise :class:`PermissionConflictError` (with QEMU's message and a ``hint``) if
-        another description's locks forbid taking ``perm`` or not sharing ``~shared``."""
-        tests = [(LOCK_SHARED_BASE, perm, 'Failed to get "{}" lock'),
-                 (LOCK_PERM_BASE, Perm.ALL & ~shared, 'Failed to get shared "{}" lock')]
-        for base, bits, message in tests:
-            for i, bit in enumerate(_PERM_BITS):
-                if not bits & bit:
-                    continue
-                if self._fcntl(self._getlk, fcntl.F_WRLCK, base + i) != fcntl.F_UNLCK:
-                    err = PermissionConflictError(message.format(bit.qemu_names[0]), self.filename)
-                    err.hint = (  # type: ignore[attr-defined]
-                        f"Is another process using the image [{self.filename}]?"
-                    )
-                    raise err
-
-    def prepare(self, perm: Perm, shared: Perm) -> None:
-        """Phase one: lock what both old and new permissions need, then test for conflicts."""
-        shared &= Perm.ALL
-        if (self.perm | perm) == self.perm and (self.shared & shared) == self.shared:
-            return  # only giving things up cannot conflict
-        try:
-            self.apply(self.perm | perm, Perm.ALL & ~(self.shared & shared), False)
-            self.check(perm, shared)
-        except BaseException:
-            self.abort()
-            raise
-
-    def commit(self, perm: Perm, shared: Perm) -> None:
-        """Phase two: hold exactly the new locks. Never fails (as in QEMU)."""
-        shared &= Perm.ALL
-        with contextlib.suppress(OSError):
-            self.apply(perm, Perm.ALL & ~shared, True)
-        self.perm, self.shared = perm, shared
-
-    def abort(self) -> None:
-        """Return to the committed locks."""
-        with contextlib.suppress(OSError):
-            self.apply(self.perm, Perm.ALL & ~self.shared, True)
-
-    def transfer(self, fd: int) -> ImageLock:
-        """Move the locks to another description of the same file (reopen): lock there
-        first, then unlock here, so other processes never see a gap. Returns the new lock."""
-        other = ImageLock(fd, self.filename)
-        other._getlk, other._setlk = self._getlk, self._setlk
-        other.perm, other.shared = self.perm, self.shared
-        for byte in sorted(self.held):
-            other._fcntl(other._setlk, fcntl.F_RDLCK, byte)
-            other.held.add(byte)
-        for byte in sorted(self.held):
-            with contextlib.suppress(OSError):
-                self._fcntl(self._setlk, fcntl.F_UNLCK, byte)
-        self.held.clear()
-        return other
-
-    def held_bytes(self) -> list[int]:
-        """Lock bytes this description holds, sorted (tests, diagnostics)."""
-        return sorted(self.held)
 
 
 # -------------------------------------------------------------------------------------------

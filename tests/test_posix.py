@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from blockcore import posix
+from blockcore import posix, threadpool
 from blockcore.errors import NotSupportedError, PermissionConflictError
 from blockcore.testing import requires_qemu, requires_root
 from blockcore.types import Perm
@@ -100,10 +100,10 @@ def test_cached_read_never_uses_pool(tmp_path: Path, monkeypatch: pytest.MonkeyP
     if not eng.nowait_read:
         pytest.skip("RWF_NOWAIT reads not supported by this filesystem")
 
-    def no_pool() -> None:
+    async def no_pool(*_args: object) -> None:
         raise AssertionError("cached read went to the thread pool")
 
-    monkeypatch.setattr(posix, "_get_pool", no_pool)
+    monkeypatch.setattr(posix, "run_blocking", no_pool)
     for off in range(0, MiB, 4096):
         run(eng.preadv(buf, off))
     assert bytes(buf) == b"y" * 4096
@@ -134,13 +134,13 @@ def test_uncached_read_falls_back_to_pool(tmp_path: Path, monkeypatch: pytest.Mo
 def _pool_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the name of each function the engine hands to the thread pool."""
     sent: list[str] = []
-    real = posix._Pool.run
+    real = posix.run_blocking
 
-    async def spy(self: posix._Pool, fn, *args):  # type: ignore[no-untyped-def]
+    async def spy(fn, *args):  # type: ignore[no-untyped-def]
         sent.append(fn.__name__)
-        return await real(self, fn, *args)
+        return await real(fn, *args)
 
-    monkeypatch.setattr(posix._Pool, "run", spy)
+    monkeypatch.setattr(posix, "run_blocking", spy)
     return sent
 
 
@@ -247,7 +247,7 @@ def test_write_error_propagates(tmp_path: Path) -> None:
 
 def test_cancel_waits_for_pool_call() -> None:
     async def go() -> float:
-        task = asyncio.ensure_future(posix._get_pool().run(time.sleep, 0.3))
+        task = asyncio.ensure_future(threadpool.run_blocking(time.sleep, 0.3))
         await asyncio.sleep(0.05)
         start = time.monotonic()
         task.cancel()
