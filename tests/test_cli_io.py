@@ -180,3 +180,22 @@ def test_pattern_and_iovec_parsing(capsys: pytest.CaptureFixture[str]) -> None:
     assert create_iovec(["512", "1k"]) == [512, 1024]
     assert create_iovec(["3G"]) is None
     assert capsys.readouterr().out.endswith("300 is not a valid pattern byte\n") is False
+
+
+def test_wait_break_and_resume_through_blkdebug(qio) -> None:
+    """wait_break polls a global-state function between loop turns (it once ran it inside a
+    coroutine, where the tier check refused it and the tool hung draining the parked write)."""
+    pytest.importorskip("blockcore_blkdebug")
+    out, err, rc = qio("-f", "raw", "-c", "break write_aio A", "-c", "aio_write -P 0x5a 0 4k",
+                       "-c", "wait_break A", "-c", "read -P 0 4k 4k", "-c", "resume A",
+                       "-c", "aio_flush", "-c", "read -P 0x5a 0 4k", "blkdebug::r.raw")
+    assert (err, rc) == ("", 0)
+    assert out == (
+        "blkdebug: Suspended request 'A'\n"
+        "read 4096/4096 bytes at offset 4096\n"
+        f"4 KiB, {TIMING}\n"
+        "blkdebug: Resuming request 'A'\n"
+        "wrote 4096/4096 bytes at offset 0\n"
+        f"4 KiB, {TIMING}\n"
+        "read 4096/4096 bytes at offset 0\n"
+        f"4 KiB, {TIMING}\n")
