@@ -79,7 +79,8 @@ def _apply_generic(options: dict[str, Any], flags: OpenFlags) -> tuple[OpenFlags
 
 def _child_flags(parent_flags: OpenFlags, role: ChildRole, parent_is_format: bool) -> OpenFlags:
     """Flags a child inherits (QEMU's bdrv_inherited_options)."""
-    keep = OpenFlags.CACHE_MASK | OpenFlags.RDWR | OpenFlags.AUTO_RDONLY | OpenFlags.NO_IO
+    keep = (OpenFlags.CACHE_MASK | OpenFlags.RDWR | OpenFlags.AUTO_RDONLY | OpenFlags.NO_IO
+            | OpenFlags.NATIVE_AIO | OpenFlags.IO_URING)  # the protocol node's aio default
     flags = parent_flags & keep
     if role & ChildRole.COW:
         flags &= ~(OpenFlags.RDWR | OpenFlags.AUTO_RDONLY)

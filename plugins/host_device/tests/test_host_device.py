@@ -83,8 +83,8 @@ def test_bad_options_are_refused() -> None:
     with pytest.raises(BlockError, match="aio=native was specified, but it requires "
                        "cache.direct=on"):
         _open("/dev/null", aio="native")
-    with pytest.raises(BlockError, match="aio='io_uring' is not supported"):
-        _open("/dev/null", aio="io_uring")
+    with pytest.raises(BlockError, match="invalid parameter value: posix"):
+        _open("/dev/null", aio="posix")
 
 
 # -- loop devices ------------------------------------------------------------------------------

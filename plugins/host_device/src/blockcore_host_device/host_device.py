@@ -217,7 +217,7 @@ def open_device(bs: BlockDriverState, options: dict[str, Any], flags: OpenFlags,
                 driver: str) -> DeviceState:  # fmt: skip
     """Open ``options['filename']`` for ``driver`` and probe what it can do. Tier: GS."""
     direct = bool(flags & OpenFlags.NOCACHE)
-    opts = posix.PosixOpenOptions.from_options(driver, options, direct, bs.node_name)
+    opts = posix.PosixOpenOptions.from_options(driver, options, flags, bs.node_name)
     filename = opts.filename
     layer = io_.get_layer()
     node = layer.stat(filename)

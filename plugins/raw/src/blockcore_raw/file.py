@@ -108,8 +108,7 @@ def _open(filename: str, flags: OpenFlags, bs: BlockDriverState) -> int:
 
 @hookimpl
 def bdrv_open(bs: BlockDriverState, options: dict[str, Any], flags: OpenFlags) -> None:
-    opts = posix.PosixOpenOptions.from_options("file", options, bool(flags & OpenFlags.NOCACHE),
-                                               bs.node_name)  # fmt: skip
+    opts = posix.PosixOpenOptions.from_options("file", options, flags, bs.node_name)
     filename = opts.filename
     fd = _open(filename, flags, bs)
     try:
