@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +178,39 @@ class ConvertState:
     wr_in_order: bool = True
     sector_num: int = 0
     error: BaseException | None = None
+    limit: RateLimit | None = None
+
+
+class RateLimit:
+    """``-r``: at most ``rate`` bytes per second, granted per 100 ms slice (QEMU's ratelimit:
+    a request that overdraws a slice waits for the slice it would end in)."""
+
+    SLICE = 0.1
+
+    def __init__(self, rate: int) -> None:
+        self.quota = max(1, int(rate * self.SLICE))
+        self.slice_end = 0.0
+        self.dispatched = 0
+
+    def delay(self, nbytes: int) -> float:
+        """Account ``nbytes`` and return how long to wait before sending them, in seconds."""
+        now = time.monotonic()
+        if now >= self.slice_end:
+            self.slice_end, self.dispatched = now + self.SLICE, 0
+        self.dispatched += nbytes
+        if self.dispatched <= self.quota:
+            return 0.0
+        slices = (self.dispatched - 1) // self.quota  # whole slices overdrawn
+        return self.slice_end + (slices - 1) * self.SLICE - now
+
+
+async def _throttle(limit: RateLimit, nbytes: int) -> None:
+    """Wait out ``limit`` for ``nbytes``, in steps of at most a slice so Ctrl-C stops it."""
+    wait = limit.delay(nbytes)
+    while wait > 0:
+        await asyncio.sleep(min(wait, RateLimit.SLICE))
+        check_interrupted()
+        wait -= RateLimit.SLICE
 
 
 def _select_part(s: ConvertState, sector_num: int) -> tuple[int, int]:
@@ -398,6 +432,8 @@ async def _co_do_copy(s: ConvertState) -> None:
                     s.allocated_done += n
                     if s.progress is not None:
                         s.progress.print(100.0 * s.allocated_done / s.allocated_sectors, 0)
+                    if s.limit is not None:
+                        await _throttle(s.limit, n * SECTOR)
                 wdata, wview = data, view
                 copy_range = s.copy_range and status == BLK_DATA
                 if copy_range:
@@ -538,7 +574,9 @@ def img_convert(argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c == "r":
-            cvtnum("rate limit", arg or "")  # accepted; the copy is not throttled
+            rate = cvtnum("rate limit", arg or "")
+            if rate:
+                s.limit = RateLimit(rate)
         elif c == "\x02image-opts":
             image_opts = True
         elif c == "\x02salvage":
