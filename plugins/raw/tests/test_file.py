@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -242,6 +243,43 @@ def test_zero_write_may_unmap_punches(fsdir: Path) -> None:
         assert bdrv_get_allocated_file_size(blk.bs) <= before - 262144
         st = bdrv_block_status(blk.bs, 0, MiB)
         assert st.ret & S.ZERO and st.pnum == 262144
+
+
+def test_zero_write_falls_back_to_buffers_without_fallocate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A filesystem refusing every fallocate mode (some FUSE and NFSv3 mounts; simulated at
+    the libc call, as no filesystem here does): the driver says ENOTSUP and the core writes
+    zero buffers; NO_FALLBACK requests then fail with ENOTSUP instead."""
+    from blockcore import posix
+
+    class NoFallocate:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def fallocate(self, *_args: object) -> int:
+            self.calls += 1
+            ctypes.set_errno(errno.EOPNOTSUPP)
+            return -1
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_libc, name)
+
+    real_libc = posix._libc
+    libc = NoFallocate()
+    monkeypatch.setattr(posix, "_libc", libc)
+    path = make_image(tmp_path / "nf.img", MiB, {0: b"d" * MiB})
+    with open_file(path, discard="unmap") as blk:
+        blk.pwrite_zeroes(65536, 131072, F.MAY_UNMAP)
+        assert blk.pread(0, 65536 + 131072 + 4096) == b"d" * 65536 + bytes(131072) + b"d" * 4096
+        assert Path(path).read_bytes()[65536:196608] == bytes(131072)  # on disk too
+        tried = libc.calls
+        assert tried >= 1
+        blk.pwrite_zeroes(MiB - 4096, 4096)  # the driver remembers: no more fallocate calls
+        assert libc.calls == tried and blk.pread(MiB - 4096, 4096) == bytes(4096)
+        with pytest.raises(NotSupportedError):
+            blk.pwrite_zeroes(0, 4096, F.NO_FALLBACK)
+        assert blk.pread(0, 4096) == b"d" * 4096
+        assert os.path.getsize(path) == MiB
 
 
 def _on_root(blk: BlockBackend, coro_fn, *args: object) -> None:
