@@ -42,3 +42,20 @@ def test_readme_shows_what_the_main_job_prints() -> None:
         shown = shown.split("$ qemu-img check", 1)[0] + "main job done\n"
     assert normalise_disk_size(normalise_timing(printed)) == \
         normalise_disk_size(normalise_timing(shown))
+
+
+def test_python_m_runs_the_tools(tmp_path: Path) -> None:
+    """``python -m blockcore.img`` / ``python -m blockcore.io``, named as the console scripts."""
+    img = subprocess.run([sys.executable, "-m", "blockcore.img", "create", "-f", "raw",
+                          str(tmp_path / "m.raw"), "1M"], capture_output=True, text=True)
+    assert (img.returncode, img.stderr) == (0, "")
+    assert img.stdout.startswith("Formatting ")
+    io = subprocess.run([sys.executable, "-m", "blockcore.io", "-f", "raw", "-c",
+                         "read -P 0 0 512", str(tmp_path / "m.raw")], capture_output=True, text=True)
+    assert (io.returncode, io.stderr) == (0, "")
+    assert io.stdout.startswith("read 512/512 bytes at offset 0\n")
+    bad = subprocess.run([sys.executable, "-m", "blockcore.io", "-f", "raw", "nonexist.raw"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 1
+    assert bad.stderr == ("blockcore-io: can't open device nonexist.raw: Could not open "
+                          "'nonexist.raw': No such file or directory\n")

@@ -14,10 +14,10 @@ import errno
 from asyncio.events import _get_running_loop
 from typing import TYPE_CHECKING, Any
 
-from .aio import _waiters, aio_wait_kick, assert_bdrv_graph_readable, co_wrapper
-from .errors import BlockError, NoMediumError, NotSupportedError
-from .tiers import Tier, api, checks_enabled, io_code
-from .types import (
+from ..aio import _waiters, aio_wait_kick, assert_bdrv_graph_readable, co_wrapper
+from ..errors import BlockError, NoMediumError, NotSupportedError
+from ..tiers import Tier, api, checks_enabled, io_code
+from ..types import (
     BDRV_MAX_LENGTH,
     BDRV_REQUEST_MAX_BYTES,
     BdrvRequestFlags,
@@ -25,10 +25,10 @@ from .types import (
     OpenFlags,
     Perm,
 )
-from .util import aligned_buffer, is_zero, round_down, round_up
+from ..util import aligned_buffer, is_zero, round_down, round_up
 
 if TYPE_CHECKING:
-    from .graph import BdrvChild, BlockDriverState
+    from ..graph import BdrvChild, BlockDriverState
 
 F = BdrvRequestFlags
 _NONE = 0
@@ -366,7 +366,7 @@ async def _aligned_preadv(child: BdrvChild, req: TrackedRequest, offset: int, le
     """bdrv_aligned_preadv: copy-on-read, EOF zero-fill and max_transfer splitting."""
     bs = child.bs
     if flags & _COR:
-        from .cor import copy_on_read
+        from ..cor import copy_on_read
 
         await copy_on_read(child, req, offset, length, view, flags)
         return
@@ -476,7 +476,7 @@ def _write_finish(bs: BlockDriverState, offset: int, length: int, type_: str) ->
 
 
 async def _cluster_size(bs: BlockDriverState) -> int:
-    from .info import bdrv_co_get_info
+    from ..info import bdrv_co_get_info
 
     try:
         return max((await bdrv_co_get_info(bs)).cluster_size, bs.bl.request_alignment)
@@ -607,7 +607,7 @@ async def bdrv_co_flush(bs: BlockDriverState) -> None:
             if drv.bdrv_co_flush is not None:
                 await _call_driver(bs, drv.bdrv_co_flush)
             else:
-                from .graph import bdrv_primary_child
+                from ..graph import bdrv_primary_child
 
                 primary = bdrv_primary_child(bs)
                 await bdrv_co_debug_event(primary.bs if primary else None, "flush_to_os")
@@ -663,7 +663,7 @@ bdrv_flush = co_wrapper(bdrv_co_flush, "bdrv_flush", mixed=True, rdlock=True,
 
 # Zero writes, discard, truncate and length live in their own modules; their names stay
 # reachable from here, where callers look for the request path.
-from .resize import (  # noqa: E402, F401
+from ..resize import (  # noqa: E402, F401
     bdrv_co_getlength,
     bdrv_co_nb_sectors,
     bdrv_co_truncate,
@@ -673,7 +673,7 @@ from .resize import (  # noqa: E402, F401
     bdrv_nb_sectors,
     bdrv_truncate,
 )
-from .zero import (  # noqa: E402, F401
+from ..zero import (  # noqa: E402, F401
     _do_pwrite_zeroes,
     bdrv_co_pdiscard,
     bdrv_co_pwrite_zeroes,
