@@ -42,17 +42,9 @@ KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
     ("io-cmdline", "qemu-io -c"): "usage text ends with blockcore's line",
 }
 
-_CHECK = ("blockcore-qcow2 check: the image end offset leaves out leaked clusters, repairs do "
-          "not print the problem line first, -r all does not rebuild the refcount structure")
 #: Differences that come from the drivers, not from the tools: (golden, exact command) ->
 #: reason. Marked xfail (not strict), so a driver fix shows up as XPASS.
 DRIVER_DIFFERENCES: dict[tuple[str, str], str] = {
-    **{("img-check", c): _CHECK for c in (
-        "qemu-img check leak.qcow2", "qemu-img check --output=json leak.qcow2",
-        "qemu-img check -r leaks leak.qcow2", "qemu-img check --output=json -r all leak2.qcow2",
-        "qemu-img check -q -r leaks leak3.qcow2", "qemu-img check -r leaks bad2.qcow2",
-        "qemu-img check -r all bad.qcow2", "qemu-img check bad.qcow2",
-        "qemu-img check --output=json -r all bad3.qcow2")},
     ("img-snapshot", "qemu-img check a.qcow2"):
         "blockcore-qcow2: image end offset after deleting snapshots",
     ("img-info", "qemu-img info -f qcow2 base.raw"):

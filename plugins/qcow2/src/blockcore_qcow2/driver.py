@@ -32,10 +32,10 @@ from blockcore.types import (
 from blockcore.util import parse_bool, parse_size
 
 from . import compress
+from .check import check_image
 from .cluster import SubclusterType as ST
 from .format import QCOW_MAGIC, Autoclear, Compat, Incompat, empty_image, prealloc_size
 from .image import Qcow2Image, read_header
-from .refcount import check_image
 
 F = BdrvRequestFlags
 S = BlockStatusFlags
@@ -201,7 +201,8 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     file = ChildFile(bs.file, name)
     header = run_co(bs, read_header(file))
     rw = bool(flags & OpenFlags.RDWR)
-    if header.incompatible_features & Incompat.CORRUPT and rw:
+    if header.incompatible_features & Incompat.CORRUPT and rw and not flags & OpenFlags.CHECK:
+        # only check -r may write to a corrupt image: it repairs it and clears the bit
         raise BlockError(errno.EACCES, "image is corrupt; cannot be opened read/write", name)
     data = None
     if header.incompatible_features & Incompat.DATA_FILE:
