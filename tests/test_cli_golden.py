@@ -47,8 +47,6 @@ KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
 DRIVER_DIFFERENCES: dict[tuple[str, str], str] = {
     ("img-snapshot", "qemu-img check a.qcow2"):
         "blockcore-qcow2: image end offset after deleting snapshots",
-    ("img-measure", "qemu-img measure --size 1G -O qcow2 -o cluster_size=3k"):
-        "blockcore-qcow2 bdrv_measure does not validate cluster_size",
     ("io-rw", "qemu-io -c 'write -z 0 4k' -c 'write -z -u 64k 64k' -c 'write -z -n 128k 512' "
               "-c 'write -f 192k 4k' -c 'map' s.qcow2"):
         "blockcore-qcow2: sub-cluster zero write with NO_FALLBACK is ENOTSUP (QEMU zeroes "

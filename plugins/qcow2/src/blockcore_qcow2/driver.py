@@ -314,12 +314,42 @@ def bdrv_has_zero_init(bs: Any) -> bool:
     return not (img.has_data_file and img.header.autoclear_features & Autoclear.DATA_FILE_RAW)
 
 
+def _measure_options(options: dict[str, Any]) -> tuple[int, int, bool, str]:
+    """Cluster size, refcount width, extended L2 and preallocation, checked in the order
+    and with the words of qcow2_measure (they differ from create's)."""
+
+    def bad(msg: str) -> BlockError:
+        err = BlockError(errno.EINVAL, msg)
+        err.verbatim = True  # type: ignore[attr-defined]
+        return err
+
+    ext = parse_bool(options.get("extended_l2", False), "extended_l2")
+    given = options.get("cluster_size")
+    cs = 65536 if given in (None, "") else parse_size(given)
+    if cs < 512 or cs > (2 << 20) or cs & (cs - 1):
+        raise bad("Cluster size must be a power of two between 512 and 2048k")
+    if ext and cs < 16384:
+        raise bad("Extended L2 entries are only supported with cluster sizes of at least "
+                  "16384 bytes")  # fmt: skip
+    compat = options.get("compat") or "1.1"
+    if compat not in ("0.10", "1.1"):
+        raise bad(f"Invalid compatibility level: '{compat}'")
+    given = options.get("refcount_bits")
+    refbits = 16 if given in (None, "") else int(given)
+    if refbits < 1 or refbits > 64 or refbits & (refbits - 1):
+        raise bad("Refcount width must be a power of two and may not exceed 64 bits")
+    if compat == "0.10" and refbits != 16:
+        raise bad("Different refcount widths than 16 bits require compatibility level 1.1 "
+                  "or above (use compat=1.1 or greater)")  # fmt: skip
+    prealloc = str(options.get("preallocation") or "off")
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise bad(f"invalid parameter value: {prealloc}")
+    return cs, refbits, ext, prealloc
+
+
 @hookimpl
 def bdrv_measure(options: dict[str, Any], in_bs: Any) -> BlockMeasureInfo:
-    cs = parse_size(options.get("cluster_size", 65536))
-    refbits = int(options.get("refcount_bits", 16))
-    ext = parse_bool(options.get("extended_l2", False), "extended_l2")
-    prealloc = str(options.get("preallocation", "off"))
+    cs, refbits, ext, prealloc = _measure_options(options)
     if in_bs is not None:
         size = in_bs.total_bytes
         required = _allocated_bytes(in_bs, cs)
