@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import struct
 import subprocess
@@ -233,3 +234,56 @@ def test_leak_past_end_of_file_counts_in_image_end(tmp_path: Path) -> None:
     o = ours("check", str(path))
     assert (o.stdout, o.stderr, o.returncode) == (q.stdout, q.stderr, q.returncode)
     assert "Image end offset: 524288" in o.stdout and o.returncode == 3
+
+
+def _random_damage(img: bytearray, rnd: random.Random) -> list[str]:
+    """One to three pokes into refcount table, refcount blocks and the first L2 table."""
+    offset, clusters = struct.unpack_from(">QI", img, 48)
+    nb_clusters = len(img) // CS
+    done = []
+    for _ in range(rnd.randint(1, 3)):
+        table = list(struct.unpack_from(f">{clusters * CS // 8}Q", img, offset))
+        blocks = [b for b in table if b]
+        kind = rnd.choice(["block-entry", "table-entry", "table-zero", "block-zero",
+                           "l2-copied", "l2-offset"])  # fmt: skip
+        if not blocks and kind in ("block-entry", "table-zero", "block-zero"):
+            continue
+        done.append(kind)
+        if kind == "block-entry":
+            struct.pack_into(">Q", img, rnd.choice(blocks) + 8 * rnd.randrange(CS // 8),
+                             rnd.choice([0, 1, 2, 3]))  # fmt: skip
+        elif kind == "table-entry":
+            struct.pack_into(">Q", img, offset + 8 * rnd.randrange(len(blocks) + 1),
+                             rnd.randrange(nb_clusters + 4) * CS)  # fmt: skip
+        elif kind == "table-zero":
+            struct.pack_into(">Q", img, offset + 8 * rnd.randrange(len(blocks)), 0)
+        elif kind == "block-zero":
+            block = rnd.choice(blocks)
+            img[block : block + CS] = bytes(CS)
+        else:
+            l1 = struct.unpack_from(">Q", img, 40)[0]
+            l2 = struct.unpack_from(">Q", img, l1)[0] & 0x00FFFFFFFFFFFE00
+            used = [i for i in range(CS // 8) if struct.unpack_from(">Q", img, l2 + 8 * i)[0]]
+            i = rnd.choice(used)
+            e = struct.unpack_from(">Q", img, l2 + 8 * i)[0]
+            e = e ^ 1 << 63 if kind == "l2-copied" else e & 1 << 63 | rnd.randrange(nb_clusters) * CS
+            struct.pack_into(">Q", img, l2 + 8 * i, e)
+    return done
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_damage_same_as_qemu(tmp_path: Path, pristine: tuple[Path, bytes],
+                                    seed: int) -> None:  # fmt: skip
+    """Whatever qemu-img check prints, repairs and writes, we print, repair and write."""
+    src, _ = pristine
+    img = bytearray(src.read_bytes())
+    kinds = _random_damage(img, random.Random(seed))
+    theirs, mine = tmp_path / "theirs.qcow2", tmp_path / "mine.qcow2"
+    for repair in ([], ["-r", "leaks"], ["-r", "all"]):
+        theirs.write_bytes(bytes(img))
+        mine.write_bytes(bytes(img))
+        q = qemu_img("check", *repair, str(theirs), check=False)
+        o = ours("check", *repair, str(mine))
+        assert (o.stdout, o.stderr, o.returncode) == (q.stdout, q.stderr, q.returncode), \
+            (kinds, repair)  # fmt: skip
+        assert mine.read_bytes() == theirs.read_bytes(), (kinds, repair)
