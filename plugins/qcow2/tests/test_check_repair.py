@@ -287,3 +287,24 @@ def test_random_damage_same_as_qemu(tmp_path: Path, pristine: tuple[Path, bytes]
         assert (o.stdout, o.stderr, o.returncode) == (q.stdout, q.stderr, q.returncode), \
             (kinds, repair)  # fmt: skip
         assert mine.read_bytes() == theirs.read_bytes(), (kinds, repair)
+
+
+@pytest.mark.parametrize("extended_l2", ["off", "on"])
+def test_misaligned_preallocated_zero_cluster(tmp_path: Path, extended_l2: str) -> None:
+    """-r all turns it into a plain zero cluster (fix_l2_entry_by_zero), as qemu-img does."""
+    path = create(tmp_path / "z.qcow2", "4M", f"extended_l2={extended_l2}")
+    qemu_io(path, "write -P 1 0 128k", "write -z 0 64k", "write -P 2 1M 64k")
+    img = bytearray(path.read_bytes())
+    l1 = struct.unpack_from(">Q", img, 40)[0]
+    l2 = struct.unpack_from(">Q", img, l1)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", img, l2, struct.unpack_from(">Q", img, l2)[0] + 0x200)
+    theirs, mine = tmp_path / "theirs.qcow2", tmp_path / "mine.qcow2"
+    for repair in ([], ["-r", "leaks"], ["-r", "all"]):
+        theirs.write_bytes(bytes(img))
+        mine.write_bytes(bytes(img))
+        q = qemu_img("check", *repair, str(theirs), check=False)
+        o = ours("check", *repair, str(mine))
+        assert (o.stdout, o.stderr, o.returncode) == (q.stdout, q.stderr, q.returncode), repair
+        assert mine.read_bytes() == theirs.read_bytes(), repair
+    assert "Repairing offset=50200: Preallocated cluster" in o.stderr
+    assert qcheck(mine).get("corruptions", 0) == 0

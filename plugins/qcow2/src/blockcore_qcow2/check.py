@@ -19,6 +19,7 @@ from .format import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
     L2_BITMAP_ALL_ALLOC,
+    L2_BITMAP_ALL_ZERO,
     L2E_COMPRESSED_OFFSET_SIZE_MASK,
     L2E_OFFSET_MASK,
     L2E_STD_RESERVED_MASK,
@@ -128,8 +129,9 @@ async def _calculate(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult,
     broken and must be rebuilt."""
     cs = image.geo.cluster_size
     refs.inc(0, cs, result)
-    await _walk_l1(image, refs, result, image.header.l1_table_offset, image.l1, active=True)
-    await _walk_snapshots(image, refs, result)
+    await _walk_l1(image, refs, result, image.header.l1_table_offset, image.l1, fix,
+                   active=True)  # fmt: skip
+    await _walk_snapshots(image, refs, result, fix)
     rc = image.refcounts
     refs.inc(rc.table_offset, rc.table_clusters * cs, result)
     await _walk_bitmaps(image, refs, result)
@@ -137,7 +139,7 @@ async def _calculate(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult,
 
 
 async def _walk_l1(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult, l1_offset: int,
-                   l1: list[int], active: bool) -> None:  # fmt: skip
+                   l1: list[int], fix: Mode, active: bool) -> None:  # fmt: skip
     """check_refcounts_l1: the L1 table, its L2 tables and what they point to."""
     if not l1:
         return
@@ -156,11 +158,11 @@ async def _walk_l1(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult, l1_o
             msgs.append(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
                         "L1 entry corrupted")  # fmt: skip
             result.corruptions += 1
-        await _walk_l2(image, refs, result, l2_offset, active)
+        await _walk_l2(image, refs, result, l2_offset, fix, active)
 
 
 async def _walk_l2(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult, l2_offset: int,
-                   active: bool) -> None:  # fmt: skip
+                   fix: Mode, active: bool) -> None:  # fmt: skip
     """check_refcounts_l2 (the fragmentation figures count the active table only). The
     table is read from the file, as QEMU does; the caller flushed the cache first."""
     geo = image.geo
@@ -207,11 +209,16 @@ async def _walk_l2(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult, l2_o
                 result.corruptions += 1
                 has_data = bitmap & L2_BITMAP_ALL_ALLOC if geo.extended_l2 \
                     else not entry & OFLAG_ZERO  # fmt: skip
-                # QEMU can turn a misaligned preallocated zero cluster into a plain zero
-                # cluster with -r all (fix_l2_entry_by_zero); not done here
-                what = "Data" if has_data else "Preallocated"
-                msgs.append(f"ERROR offset={host:x}: {what} cluster is not properly aligned; "
-                            "L2 entry corrupted.")  # fmt: skip
+                if has_data:
+                    msgs.append(f"ERROR offset={host:x}: Data cluster is not properly aligned; "
+                                "L2 entry corrupted.")  # fmt: skip
+                else:
+                    repair = bool(fix & Mode.FIX_ERRORS)
+                    msgs.append(f"{'Repairing' if repair else 'ERROR'} offset={host:x}: "
+                                "Preallocated cluster is not properly aligned; L2 entry "
+                                "corrupted.")  # fmt: skip
+                    if repair and await _zero_entry(image, result, l2_offset, l2, i, bitmap):
+                        continue  # it no longer points anywhere
             if active:
                 result.allocated_clusters += 1
                 if next_contiguous and host != next_contiguous:
@@ -224,7 +231,36 @@ async def _walk_l2(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult, l2_o
             msgs.append("ERROR: Unallocated cluster has non-zero subcluster allocation map")
 
 
-async def _walk_snapshots(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult) -> None:
+async def _zero_entry(image: Qcow2Image, result: BdrvCheckResult, l2_offset: int,
+                      l2: bytearray, index: int, bitmap: int) -> bool:  # fmt: skip
+    """Make a misaligned preallocated zero cluster a plain zero cluster, on disk and in
+    the cached copy of its table (fix_l2_entry_by_zero)."""
+    geo = image.geo
+    if geo.extended_l2:
+        # the allocated subclusters read as zeros from now on
+        image._set_entry(l2, index, 0, (bitmap | bitmap << 32) & L2_BITMAP_ALL_ZERO)
+    else:
+        image._set_entry(l2, index, OFLAG_ZERO)
+    size = geo.l2_entry_size
+    pos = index * size
+    try:
+        await image.file.pwrite(l2_offset + pos, l2[pos : pos + size])
+        await image.file.flush()
+    except OSError as exc:
+        result.messages.append("ERROR: Failed to overwrite L2 table entry: "
+                               f"{os.strerror(exc.errno or 5)}")  # fmt: skip
+        result.check_errors += 1
+        return False
+    cached = image.l2_cache.tables.get(l2_offset)
+    if cached is not None:
+        cached[pos : pos + size] = l2[pos : pos + size]
+    result.corruptions -= 1
+    result.corruptions_fixed += 1
+    return True
+
+
+async def _walk_snapshots(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult,
+                          fix: Mode) -> None:  # fmt: skip
     h = image.header
     if not h.nb_snapshots:
         return
@@ -244,7 +280,7 @@ async def _walk_snapshots(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResul
         buf = bytearray(l1_size * 8)
         await image.file.pread(l1_off, memoryview(buf))
         l1 = list(struct.unpack(f">{l1_size}Q", buf))
-        await _walk_l1(image, refs, result, l1_off, l1, active=False)
+        await _walk_l1(image, refs, result, l1_off, l1, fix, active=False)
         pos += 40 + extra + id_len + name_len
         pos = -(-pos // 8) * 8
     refs.inc(start, pos - start, result)
