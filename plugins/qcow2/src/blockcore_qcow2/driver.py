@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
@@ -259,7 +260,12 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
 async def _repair_dirty(image: Qcow2Image) -> None:
     """Lazy refcounts left stale refcounts behind: rebuild them (as qcow2_co_open)."""
     result = BdrvCheckResult()
-    await check_image(image, result, BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS)
+    try:
+        await check_image(image, result, BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS)
+    finally:
+        # QEMU's check prints its lines to stderr here too (qemu-io shows them)
+        sys.stderr.writelines(line + "\n" for line in result.messages)
+        sys.stderr.flush()
     await image.refcounts.flush()
     await image.set_incompat(Incompat.DIRTY, False)
     image.dirty = False
