@@ -308,3 +308,20 @@ def test_misaligned_preallocated_zero_cluster(tmp_path: Path, extended_l2: str) 
         assert mine.read_bytes() == theirs.read_bytes(), repair
     assert "Repairing offset=50200: Preallocated cluster" in o.stderr
     assert qcheck(mine).get("corruptions", 0) == 0
+
+
+def test_misaligned_snapshot_l1_table(tmp_path: Path, pristine: tuple[Path, bytes]) -> None:
+    src, _ = pristine
+    img = bytearray(src.read_bytes())
+    entry = struct.unpack_from(">Q", img, 64)[0]  # snapshots_offset: the first entry
+    struct.pack_into(">Q", img, entry, struct.unpack_from(">Q", img, entry)[0] + 0x200)
+    theirs, mine = tmp_path / "theirs.qcow2", tmp_path / "mine.qcow2"
+    for repair in ([], ["-r", "leaks"], ["-r", "all"]):
+        theirs.write_bytes(bytes(img))
+        mine.write_bytes(bytes(img))
+        q = qemu_img("check", *repair, str(theirs), check=False)
+        o = ours("check", *repair, str(mine))
+        assert (o.stdout, o.stderr, o.returncode) == (q.stdout, q.stderr, q.returncode), repair
+        assert mine.read_bytes() == theirs.read_bytes(), repair
+    assert "ERROR snapshot 1 (s1) l1_offset=0x" in o.stderr
+    assert "L1 table is not cluster aligned; snapshot table entry corrupted" in o.stderr
