@@ -155,10 +155,16 @@ def test_corrupt_bit_cleared_by_repair(tmp_path: Path, pristine: tuple[Path, byt
     img = bytearray(src.read_bytes())
     zeroed_block(img)
     struct.pack_into(">Q", img, 72, struct.unpack_from(">Q", img, 72)[0] | 2)  # corrupt bit
-    path = tmp_path / "c.qcow2"
+    path, theirs = tmp_path / "c.qcow2", tmp_path / "theirs.qcow2"
     path.write_bytes(bytes(img))
-    refused = ours("check", "-r", "all", str(path))
-    assert refused.returncode == 0, refused.stderr
+    theirs.write_bytes(bytes(img))
+    assert ours("check", str(path)).returncode == 2  # read-only: reported, not touched
+    assert path.read_bytes() == bytes(img)
+    repaired = ours("check", "-r", "all", str(path))
+    q = qemu_img("check", "-r", "all", str(theirs), check=False)
+    assert (repaired.stdout, repaired.stderr, repaired.returncode) == \
+        (q.stdout, q.stderr, q.returncode) == (q.stdout, q.stderr, 0)  # fmt: skip
+    assert path.read_bytes() == theirs.read_bytes()
     assert json.loads(qemu_img("info", "--output=json", str(path)).stdout)[
         "format-specific"]["data"]["corrupt"] is False
     assert qcheck(path).get("corruptions", 0) == 0
