@@ -391,20 +391,53 @@ async def _check_refblocks(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResu
 # -------------------------------------------------------------------------------------------
 
 
-async def _stored_refcount(image: Qcow2Image, ci: int, file_len: int) -> int:
-    """The refcount the image records for cluster ``ci``; a refcount block past the end of
-    the file reads as zeros (as a short read from the file does in QEMU)."""
-    rc = image.refcounts
-    t = ci >> rc.block_bits
-    block = rc.table[t] if t < len(rc.table) else 0
-    if not block:
-        return 0
-    if block & (rc.cluster_size - 1):
-        raise BlockError(errno.EIO, f"refcount block offset {block:#x} of refcount table "
-                         f"entry {t} is not cluster aligned", image.file.name)  # fmt: skip
-    if block >= file_len:
-        return 0
-    return await rc.get(ci)
+class _Stored:
+    """The refcounts the image records, a whole refcount block decoded at a time (the
+    comparison asks for every cluster in turn). A block past the end of the file reads as
+    zeros, as a short read from the file does in QEMU; a misaligned one is an error for
+    each of its clusters, as in qcow2_get_refcount."""
+
+    def __init__(self, image: Qcow2Image, file_len: int) -> None:
+        self.refcounts = image.refcounts
+        self.name = image.file.name
+        self.file_len = file_len
+        self.blocks: dict[int, list[int] | None] = {}
+
+    async def get(self, ci: int) -> int:
+        rc = self.refcounts
+        t = ci >> rc.block_bits
+        if t not in self.blocks:
+            self.blocks[t] = await self._load(t)
+        values = self.blocks[t]
+        return values[ci & (rc.entries_per_block - 1)] if values is not None else 0
+
+    async def _load(self, t: int) -> list[int] | None:
+        rc = self.refcounts
+        block = rc.table[t] if t < len(rc.table) else 0
+        if not block:
+            return None
+        if block & (rc.cluster_size - 1):
+            raise BlockError(errno.EIO, f"refcount block offset {block:#x} of refcount table "
+                             f"entry {t} is not cluster aligned", self.name)  # fmt: skip
+        if block >= self.file_len:
+            return None
+        return _unpack_block(await rc.cache.get(block), rc.order)
+
+    def set(self, ci: int, value: int) -> None:
+        """Keep the decoded copy in step with a repair."""
+        values = self.blocks.get(ci >> self.refcounts.block_bits)
+        if values is not None:
+            values[ci & (self.refcounts.entries_per_block - 1)] = value
+
+
+def _unpack_block(block: bytearray, order: int) -> list[int]:
+    if order >= 3:
+        code = {3: "B", 4: "H", 5: "I", 6: "Q"}[order]
+        return list(struct.unpack(f">{len(block) >> (order - 3)}{code}", block))
+    bits = 1 << order
+    mask = (1 << bits) - 1
+    shifts = range(0, 8, bits)  # entries fill a byte from its low bits up
+    return [(byte >> k) & mask for byte in block for k in shifts]
 
 
 async def _compare(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult, fix: Mode,
@@ -414,10 +447,11 @@ async def _compare(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult, fix:
     highest cluster that is referenced or has a refcount (the image end)."""
     rc = image.refcounts
     msgs = result.messages
+    stored = _Stored(image, refs.file_len)
     highest = 0
     for ci in range(len(refs.counts)):
         try:
-            have = await _stored_refcount(image, ci, refs.file_len)
+            have = await stored.get(ci)
         except OSError as exc:
             msgs.append(f"Can't get refcount for cluster {ci}: {os.strerror(exc.errno or 5)}")
             result.check_errors += 1
@@ -442,6 +476,7 @@ async def _compare(image: Qcow2Image, refs: _Imrt, result: BdrvCheckResult, fix:
             except OSError:
                 pass
             else:
+                stored.set(ci, min(want, rc.max_refcount))
                 if want == 0:
                     # nothing uses it any more: give the space back (QCOW2_DISCARD_ALWAYS)
                     await _discard(image, ci)
@@ -637,13 +672,13 @@ async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -
     else:
         repair = False
     word = "Repairing" if repair else "ERROR"
-    file_len = await image.file.getlength()
+    stored = _Stored(image, await image.file.getlength())
     for i, e in enumerate(image.l1):
         off = e & L1E_OFFSET_MASK
         if not off:
             continue
         try:
-            refcount = await _stored_refcount(image, off >> geo.cluster_bits, file_len)
+            refcount = await stored.get(off >> geo.cluster_bits)
         except OSError:
             continue  # reported by the comparison already
         if (refcount == 1) != bool(e & OFLAG_COPIED):
@@ -669,7 +704,7 @@ async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -
             else:
                 try:
                     host = entry & L2E_OFFSET_MASK
-                    refcount = await _stored_refcount(image, host >> geo.cluster_bits, file_len)
+                    refcount = await stored.get(host >> geo.cluster_bits)
                 except OSError:
                     continue
             if (refcount == 1) != bool(entry & OFLAG_COPIED):
