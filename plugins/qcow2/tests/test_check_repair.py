@@ -277,12 +277,33 @@ def _random_damage(img: bytearray, rnd: random.Random) -> list[str]:
     return done
 
 
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory: pytest.TempPathFactory) -> dict[int, bytes]:
+    """Images with refcounts narrower than a byte (no snapshot: counts stay at 1)."""
+    tmp = tmp_path_factory.mktemp("narrow")
+    out = {}
+    for bits in (1, 2, 4):
+        path = create(tmp / f"n{bits}.qcow2", "8M", f"cluster_size=4k,refcount_bits={bits}")
+        qemu_io(path, "write -P 0x11 0 1M", "write -P 0x22 3M 1M", "write -P 0x33 5M 64k")
+        out[bits] = path.read_bytes()
+    return out
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_random_damage_same_as_qemu(tmp_path: Path, pristine: tuple[Path, bytes],
                                     seed: int) -> None:  # fmt: skip
     """Whatever qemu-img check prints, repairs and writes, we print, repair and write."""
-    src, _ = pristine
-    img = bytearray(src.read_bytes())
+    _same_as_qemu(tmp_path, bytearray(pristine[0].read_bytes()), seed)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("seed", range(2))
+def test_random_damage_narrow_refcounts(tmp_path: Path, narrow: dict[int, bytes], bits: int,
+                                        seed: int) -> None:  # fmt: skip
+    _same_as_qemu(tmp_path, bytearray(narrow[bits]), seed + 10 * bits)
+
+
+def _same_as_qemu(tmp_path: Path, img: bytearray, seed: int) -> None:
     kinds = _random_damage(img, random.Random(seed))
     theirs, mine = tmp_path / "theirs.qcow2", tmp_path / "mine.qcow2"
     for repair in ([], ["-r", "leaks"], ["-r", "all"]):
