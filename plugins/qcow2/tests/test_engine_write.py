@@ -13,7 +13,7 @@ import pytest
 from blockcore.types import BdrvCheckMode, BdrvCheckResult
 from blockcore_qcow2.format import empty_image
 from blockcore_qcow2.image import Qcow2Image
-from blockcore_qcow2.refcount import check_image
+from blockcore_qcow2.check import check_image
 
 from .conftest import create, qemu_img, requires_qemu, to_raw
 from .memfile import MemFile

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
@@ -32,10 +33,10 @@ from blockcore.types import (
 from blockcore.util import parse_bool, parse_size
 
 from . import compress
+from .check import check_image
 from .cluster import SubclusterType as ST
 from .format import QCOW_MAGIC, Autoclear, Compat, Incompat, empty_image, prealloc_size
 from .image import Qcow2Image, read_header
-from .refcount import check_image
 
 F = BdrvRequestFlags
 S = BlockStatusFlags
@@ -201,7 +202,8 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     file = ChildFile(bs.file, name)
     header = run_co(bs, read_header(file))
     rw = bool(flags & OpenFlags.RDWR)
-    if header.incompatible_features & Incompat.CORRUPT and rw:
+    if header.incompatible_features & Incompat.CORRUPT and rw and not flags & OpenFlags.CHECK:
+        # only check -r may write to a corrupt image: it repairs it and clears the bit
         raise BlockError(errno.EACCES, "image is corrupt; cannot be opened read/write", name)
     data = None
     if header.incompatible_features & Incompat.DATA_FILE:
@@ -258,7 +260,12 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
 async def _repair_dirty(image: Qcow2Image) -> None:
     """Lazy refcounts left stale refcounts behind: rebuild them (as qcow2_co_open)."""
     result = BdrvCheckResult()
-    await check_image(image, result, BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS)
+    try:
+        await check_image(image, result, BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS)
+    finally:
+        # QEMU's check prints its lines to stderr here too (qemu-io shows them)
+        sys.stderr.writelines(line + "\n" for line in result.messages)
+        sys.stderr.flush()
     await image.refcounts.flush()
     await image.set_incompat(Incompat.DIRTY, False)
     image.dirty = False
@@ -313,12 +320,42 @@ def bdrv_has_zero_init(bs: Any) -> bool:
     return not (img.has_data_file and img.header.autoclear_features & Autoclear.DATA_FILE_RAW)
 
 
+def _measure_options(options: dict[str, Any]) -> tuple[int, int, bool, str]:
+    """Cluster size, refcount width, extended L2 and preallocation, checked in the order
+    and with the words of qcow2_measure (they differ from create's)."""
+
+    def bad(msg: str) -> BlockError:
+        err = BlockError(errno.EINVAL, msg)
+        err.verbatim = True  # type: ignore[attr-defined]
+        return err
+
+    ext = parse_bool(options.get("extended_l2", False), "extended_l2")
+    given = options.get("cluster_size")
+    cs = 65536 if given in (None, "") else parse_size(given)
+    if cs < 512 or cs > (2 << 20) or cs & (cs - 1):
+        raise bad("Cluster size must be a power of two between 512 and 2048k")
+    if ext and cs < 16384:
+        raise bad("Extended L2 entries are only supported with cluster sizes of at least "
+                  "16384 bytes")  # fmt: skip
+    compat = options.get("compat") or "1.1"
+    if compat not in ("0.10", "1.1"):
+        raise bad(f"Invalid compatibility level: '{compat}'")
+    given = options.get("refcount_bits")
+    refbits = 16 if given in (None, "") else int(given)
+    if refbits < 1 or refbits > 64 or refbits & (refbits - 1):
+        raise bad("Refcount width must be a power of two and may not exceed 64 bits")
+    if compat == "0.10" and refbits != 16:
+        raise bad("Different refcount widths than 16 bits require compatibility level 1.1 "
+                  "or above (use compat=1.1 or greater)")  # fmt: skip
+    prealloc = str(options.get("preallocation") or "off")
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise bad(f"invalid parameter value: {prealloc}")
+    return cs, refbits, ext, prealloc
+
+
 @hookimpl
 def bdrv_measure(options: dict[str, Any], in_bs: Any) -> BlockMeasureInfo:
-    cs = parse_size(options.get("cluster_size", 65536))
-    refbits = int(options.get("refcount_bits", 16))
-    ext = parse_bool(options.get("extended_l2", False), "extended_l2")
-    prealloc = str(options.get("preallocation", "off"))
+    cs, refbits, ext, prealloc = _measure_options(options)
     if in_bs is not None:
         size = in_bs.total_bytes
         required = _allocated_bytes(in_bs, cs)

@@ -230,7 +230,8 @@ class QCowHeader:
         (magic, version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off, rt_off,
          rt_clusters, nb_snap, snap_off) = _V2.unpack_from(buf)  # fmt: skip
         if magic != QCOW_MAGIC:
-            raise _invalid(f"image is not in qcow2 format (magic {magic:#010x})", filename)
+            # QEMU's words exactly (qemu-img prints them): no magic value
+            raise _invalid("image is not in qcow2 format", filename)
         if version not in (2, 3):
             raise NotSupportedError(f"unsupported qcow2 version {version}", filename)
         if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:

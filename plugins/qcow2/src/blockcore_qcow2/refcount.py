@@ -5,17 +5,11 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from blockcore.errors import BlockError, ImageCorruptError
 
 from .cache import ImageFile, TableCache
-from .format import MAX_REFTABLE_SIZE, REFT_OFFSET_MASK, REFT_RESERVED_MASK
-
-if TYPE_CHECKING:
-    from blockcore.types import BdrvCheckMode, BdrvCheckResult
-
-    from .image import Qcow2Image
+from .format import MAX_REFTABLE_SIZE, REFT_OFFSET_MASK
 
 
 def get_entry(block: bytearray, index: int, order: int) -> int:
@@ -79,23 +73,26 @@ class Refcounts:
         buf = bytearray(nbytes)
         await file.event("reftable_load")
         await file.pread(offset, memoryview(buf))
+        # Like QEMU, accept any entry here: reserved bits are ignored, a misaligned block
+        # is refused when used, and ``check -r all`` reports and rebuilds both.
         table = [e & REFT_OFFSET_MASK for e in struct.unpack(f">{nbytes // 8}Q", buf)]
-        for i, e in enumerate(struct.unpack(f">{nbytes // 8}Q", buf)):
-            if e & REFT_RESERVED_MASK:
-                raise ImageCorruptError(f"reserved bits set in refcount table entry {i}", file.name)
-            if e & (1 << cluster_bits) - 1:
-                raise ImageCorruptError(
-                    f"refcount block offset {e:#x} of entry {i} not aligned", file.name
-                )
         return cls(file, cluster_bits, order, offset, table, clusters, cache_capacity, set_table)
 
     # ------------------------------------------------------------------ lookup
+
+    def _aligned(self, t: int) -> int:
+        """The offset of refcount block ``t``, refused when misaligned (as qcow2_get_refcount)."""
+        off = self.table[t]
+        if off & (self.cluster_size - 1):
+            raise ImageCorruptError(f"refcount block offset {off:#x} of refcount table entry "
+                                    f"{t} is not cluster aligned", self.file.name)  # fmt: skip
+        return off
 
     async def get(self, cluster_index: int) -> int:
         t = cluster_index >> self.block_bits
         if t >= len(self.table) or not self.table[t]:
             return 0
-        block = await self.cache.get(self.table[t])
+        block = await self.cache.get(self._aligned(t))
         return get_entry(block, cluster_index & (self.entries_per_block - 1), self.order)
 
     async def get_many(self, start: int, count: int) -> list[int]:
@@ -111,7 +108,7 @@ class Refcounts:
         t = cluster_index >> self.block_bits
         if t >= len(self.table) or not self.table[t]:
             await self._reserve(0, {t})
-        off = self.table[t]
+        off = self._aligned(t)
         return off, await self.cache.get(off)
 
     async def set(self, cluster_index: int, value: int) -> None:
@@ -307,264 +304,3 @@ class Refcounts:
 
     async def flush(self) -> None:
         await self.cache.flush()
-
-
-# -------------------------------------------------------------------------------------------
-# Consistency check (qcow2_check_refcounts and friends)
-# -------------------------------------------------------------------------------------------
-
-
-class _Refs:
-    """Reference counts computed by walking every metadata structure."""
-
-    def __init__(self, nb_clusters: int, cluster_bits: int) -> None:
-        self.counts = [0] * nb_clusters
-        self.cluster_bits = cluster_bits
-        self.highest = -1
-
-    def inc(self, offset: int, length: int) -> None:
-        if length <= 0:
-            return
-        first = offset >> self.cluster_bits
-        last = (offset + length - 1) >> self.cluster_bits
-        if last >= len(self.counts):
-            if last >= len(self.counts) + (1 << 24):
-                return  # absurd offsets are reported as corruption elsewhere
-            self.counts.extend([0] * (last + 1 - len(self.counts)))
-        for ci in range(first, last + 1):
-            self.counts[ci] += 1
-        self.highest = max(self.highest, last)
-
-
-async def check_image(image: Qcow2Image, result: BdrvCheckResult, fix: BdrvCheckMode) -> None:
-    """Recompute every refcount from the metadata, compare, and repair what ``fix`` allows.
-
-    Fills QEMU's figures (corruptions, leaks, fixed counts, allocation statistics, image
-    end offset) and appends QEMU's per-problem lines to ``result.messages``.
-    """
-    from blockcore.types import BdrvCheckMode as Mode
-
-    async with image.lock:
-        await image.flush_metadata()
-        rc = image.refcounts
-        geo = image.geo
-        cs = geo.cluster_size
-        flen = await image.file.getlength()
-        refs = _Refs(-(-flen // cs), geo.cluster_bits)
-        msgs = result.messages
-        corrupt_entries = await _walk_l1(image, image.l1, image.header.l1_table_offset, refs,
-                                         result, active=True)  # fmt: skip
-        await _walk_snapshots(image, refs, result)
-        refs.inc(0, cs)
-        refs.inc(rc.table_offset, rc.table_clusters * cs)
-        for i, boff in enumerate(rc.table):
-            if not boff:
-                continue
-            if boff >= flen + cs:
-                msgs.append(f"ERROR refcount block {i} is outside image")
-                result.corruptions += 1
-                continue
-            refs.inc(boff, cs)
-        await _walk_bitmaps(image, refs, result)
-        result.total_clusters = geo.size_to_clusters(image.header.size)
-        result.image_end_offset = (refs.highest + 1) * cs
-        nb = max(len(refs.counts), -(-flen // cs))
-        leaks: list[tuple[int, int, int]] = []
-        errors: list[tuple[int, int, int]] = []
-        for ci in range(nb):
-            have = await rc.get(ci)
-            want = refs.counts[ci] if ci < len(refs.counts) else 0
-            if have == want:
-                continue
-            if ci >= -(-flen // cs) and want == 0:
-                continue  # QEMU only compares clusters inside the file
-            (errors if have < want else leaks).append((ci, have, want))
-        fix_errors = bool(fix & Mode.FIX_ERRORS) and not image.read_only
-        fix_leaks = bool(fix & Mode.FIX_LEAKS) and not image.read_only
-        for ci, have, want in sorted(errors + leaks):
-            repair = fix_errors if have < want else fix_leaks
-            if repair:
-                msgs.append(f"Repairing cluster {ci} refcount={have} reference={want}")
-                await rc.set(ci, min(want, rc.max_refcount))
-                if have < want:
-                    result.corruptions_fixed += 1
-                else:
-                    result.leaks_fixed += 1
-            elif have < want:
-                msgs.append(f"ERROR cluster {ci} refcount={have} reference={want}")
-                result.corruptions += 1
-            else:
-                msgs.append(f"Leaked cluster {ci} refcount={have} reference={want}")
-                result.leaks += 1
-        result.corruptions += corrupt_entries
-        if not image.read_only:
-            await rc.flush()
-        await _check_copied(image, result, fix_errors)
-        if not image.read_only:
-            await image.flush_metadata()
-
-
-async def _walk_l1(image: Qcow2Image, l1: list[int], l1_offset: int, refs: _Refs,
-                   result: BdrvCheckResult, active: bool) -> int:  # fmt: skip
-    from .cluster import ClusterType, cluster_type
-    from .format import (
-        L1E_OFFSET_MASK,
-        L1E_RESERVED_MASK,
-        L2E_COMPRESSED_OFFSET_SIZE_MASK,
-        L2E_OFFSET_MASK,
-        OFLAG_COPIED,
-        decode_compressed,
-    )
-
-    geo = image.geo
-    cs = geo.cluster_size
-    msgs = result.messages
-    bad = 0
-    refs.inc(l1_offset, len(l1) * 8)
-    next_contig = 0
-    for i, e in enumerate(l1):
-        off = e & L1E_OFFSET_MASK
-        if not off:
-            continue
-        if e & L1E_RESERVED_MASK:
-            msgs.append(f"ERROR found L1 entry with reserved bits set: {e:x}")
-            bad += 1
-        if off & (cs - 1):
-            msgs.append(f"ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted")
-            bad += 1
-            continue
-        refs.inc(off, cs)
-        l2 = await image.l2_cache.get(off)
-        for idx in range(geo.l2_size):
-            entry, bitmap = image._entry(l2, idx)
-            ctype = cluster_type(entry, geo)
-            guest = (i * geo.l2_size + idx) * cs
-            if ctype is ClusterType.COMPRESSED:
-                if entry & OFLAG_COPIED:
-                    msgs.append(f"ERROR: coffset=0x{entry & ((1 << 56) - 1):x}: copied flag "
-                                "must never be set for compressed clusters")  # fmt: skip
-                    bad += 1
-                if image.has_data_file or bitmap:
-                    msgs.append("ERROR compressed cluster with data file or subcluster bitmap")
-                    bad += 1
-                coff, csize = decode_compressed(entry & L2E_COMPRESSED_OFFSET_SIZE_MASK,
-                                                geo.cluster_bits)  # fmt: skip
-                refs.inc(coff, csize)
-                if active and guest < image.header.size:
-                    result.allocated_clusters += 1
-                    result.compressed_clusters += 1
-                    result.fragmented_clusters += 1
-            elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-                host = entry & L2E_OFFSET_MASK
-                if host & (cs - 1):
-                    msgs.append(f"ERROR offset={host:x}: Cluster is not properly aligned; "
-                                "L2 entry corrupted.")  # fmt: skip
-                    bad += 1
-                    continue
-                if active and guest < image.header.size:
-                    result.allocated_clusters += 1
-                    if next_contig and host != next_contig:
-                        result.fragmented_clusters += 1
-                    next_contig = host + cs
-                if not image.has_data_file:
-                    refs.inc(host, cs)
-    return bad
-
-
-async def _walk_snapshots(image: Qcow2Image, refs: _Refs, result: BdrvCheckResult) -> None:
-    h = image.header
-    if not h.nb_snapshots:
-        return
-    pos = h.snapshots_offset
-    start = pos
-    for _ in range(h.nb_snapshots):
-        raw = bytearray(40)
-        await image.file.pread(pos, memoryview(raw))
-        l1_off, l1_size, id_len, name_len = struct.unpack_from(">QIHH", raw)
-        extra = struct.unpack_from(">I", raw, 36)[0]
-        if l1_size > (32 << 20) // 8 or extra > 1024:
-            result.messages.append("ERROR snapshot table entry is invalid")
-            result.corruptions += 1
-            return
-        buf = bytearray(l1_size * 8)
-        await image.file.pread(l1_off, memoryview(buf))
-        l1 = list(struct.unpack(f">{l1_size}Q", buf))
-        result.corruptions += await _walk_l1(image, l1, l1_off, refs, result, active=False)
-        pos += 40 + extra + id_len + name_len
-        pos = -(-pos // 8) * 8
-    refs.inc(start, pos - start)
-
-
-async def _walk_bitmaps(image: Qcow2Image, refs: _Refs, result: BdrvCheckResult) -> None:
-    from .format import ExtType
-
-    ext = image.header.extension(ExtType.BITMAPS)
-    if ext is None or len(ext.data) < 24:
-        return
-    nb, _res, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
-    if dir_size > 64 << 20:
-        result.messages.append("ERROR bitmap directory too large")
-        result.corruptions += 1
-        return
-    refs.inc(dir_off, dir_size)
-    d = bytearray(dir_size)
-    await image.file.pread(dir_off, memoryview(d))
-    pos = 0
-    for _ in range(nb):
-        if pos + 24 > len(d):
-            break
-        tab_off, tab_size, _flags, _t, _g, name_size, extra = struct.unpack_from(">QIIBBHI", d, pos)
-        refs.inc(tab_off, tab_size * 8)
-        tab = bytearray(tab_size * 8)
-        await image.file.pread(tab_off, memoryview(tab))
-        for e in struct.unpack(f">{tab_size}Q", tab):
-            if e & 0x00FFFFFFFFFFFE00:
-                refs.inc(e & 0x00FFFFFFFFFFFE00, image.geo.cluster_size)
-        pos += -(-(24 + extra + name_size) // 8) * 8
-
-
-async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: bool) -> int:
-    """COPIED flags must match refcount == 1 (check_oflag_copied)."""
-    from .cluster import ClusterType, cluster_type
-    from .format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED
-
-    geo = image.geo
-    rc = image.refcounts
-    errors = 0
-    for i, e in enumerate(image.l1):
-        off = e & L1E_OFFSET_MASK
-        if not off or off & (geo.cluster_size - 1):
-            continue
-        refcount = await rc.get(off >> geo.cluster_bits)
-        if (refcount == 1) != bool(e & OFLAG_COPIED):
-            word = "Repairing" if fix else "ERROR"
-            result.messages.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
-                                   f"l1_entry={e:x} refcount={refcount}")  # fmt: skip
-            if fix:
-                image.l1[i] = off | (OFLAG_COPIED if refcount == 1 else 0)
-                await image._write_l1_entry(i)
-                result.corruptions_fixed += 1
-            else:
-                errors += 1
-        l2 = await image.l2_cache.get(off)
-        for idx in range(geo.l2_size):
-            entry, bitmap = image._entry(l2, idx)
-            if cluster_type(entry, geo) not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-                continue
-            host = entry & L2E_OFFSET_MASK
-            if image.has_data_file or host & (geo.cluster_size - 1):
-                continue
-            refcount = await rc.get(host >> geo.cluster_bits)
-            if (refcount == 1) != bool(entry & OFLAG_COPIED):
-                word = "Repairing" if fix else "ERROR"
-                result.messages.append(f"{word} OFLAG_COPIED data cluster: l2_entry="
-                                       f"{entry:016x} refcount={refcount}")  # fmt: skip
-                if fix:
-                    new = entry | OFLAG_COPIED if refcount == 1 else entry & ~OFLAG_COPIED
-                    image._set_entry(l2, idx, new, bitmap)
-                    image.l2_cache.mark_dirty(off)
-                    result.corruptions_fixed += 1
-                else:
-                    errors += 1
-    result.corruptions += errors
-    return errors
