@@ -113,7 +113,7 @@ async def amend(img: Qcow2Image, options: dict[str, Any], has_backing: bool) -> 
                 await _mark_clean(img)
                 img.lazy_refcounts = False
                 await img.write_header(attrs.evolve(img.header, compatible_features=img.header
-                                                    .compatible_features & ~Compat.LAZY_REFCOUNTS))
+                                                    .compatible_features & ~int(Compat.LAZY_REFCOUNTS)))
     if new_size:
         if img.header.version < 3 and img.header.nb_snapshots:
             raise NotSupportedError("Can't resize a v2 image which has snapshots", img.file.name)

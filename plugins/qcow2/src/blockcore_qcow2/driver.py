@@ -236,9 +236,10 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         raise BlockError(errno.EINVAL, "lazy refcounts need a v3 image (compat=1.1)", name)
     if rw and image.dirty and not flags & OpenFlags.CHECK:
         run_co(bs, _repair_dirty(image))
-    if rw and header.autoclear_features & ~(Autoclear.DATA_FILE_RAW | Autoclear.BITMAPS):
+    known = int(Autoclear.DATA_FILE_RAW | Autoclear.BITMAPS)  # ~ of an IntFlag drops bits
+    if rw and header.autoclear_features & ~known:
         # Autoclear bits we do not maintain must be cleared before writing.
-        keep = header.autoclear_features & (Autoclear.DATA_FILE_RAW | Autoclear.BITMAPS)
+        keep = image.header.autoclear_features & known
         run_co(bs, image.write_header(attrs.evolve(image.header, autoclear_features=keep)))
     bs.backing_file = header.backing_file or ""
     bs.backing_format = header.backing_format or ""
