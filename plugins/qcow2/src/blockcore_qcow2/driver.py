@@ -164,8 +164,9 @@ RUNTIME_OPTS = (
     OptionSpec("l2-cache-size", "size", "bytes of L2 tables cached", 1 << 20),
     OptionSpec("refcount-cache-size", "size", "bytes of refcount blocks cached", 256 << 10),
     OptionSpec("cache-size", "size", "L2 plus refcount cache bytes"),
+    OptionSpec("l2-cache-entry-size", "size", "validated; whole L2 tables are cached"),
     OptionSpec("overlap-check", "string", "accepted for compatibility; not implemented"),
-    OptionSpec("cache-clean-interval", "number", "accepted for compatibility", 0),
+    OptionSpec("cache-clean-interval", "number", "validated; caches are never cleaned", 0),
 )
 
 
@@ -219,14 +220,11 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         raise BlockError(errno.EINVAL, "'data-file' can only be set for images with an "
                          "external data file", name)  # fmt: skip
     cs = header.cluster_size
-    l2_bytes = parse_size(opt.get("l2-cache-size", 1 << 20))
-    if "cache-size" in opt:
-        l2_bytes = parse_size(opt["cache-size"]) * 3 // 4
-    rc_bytes = parse_size(opt.get("refcount-cache-size", max(4 * cs, l2_bytes // 4)))
+    l2_bytes, rc_bytes = _cache_sizes(opt, header, name)
     lazy = opt.get("lazy-refcounts")
     image = run_co(bs, Qcow2Image.open(
         file, data_file=data, read_only=not rw, header=header,
-        l2_cache_tables=max(2, l2_bytes // cs), refcount_cache_tables=max(2, rc_bytes // cs),
+        l2_cache_tables=max(2, l2_bytes // cs), refcount_cache_tables=max(4, rc_bytes // cs),
         lazy_refcounts=parse_bool(lazy, "lazy-refcounts") if lazy is not None else None,
         discard_request=parse_bool(opt.get("pass-discard-request", bool(flags & OpenFlags.UNMAP)),
                                    "pass-discard-request"),
@@ -254,6 +252,62 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         await io.bdrv_co_preadv(bs.backing, offset, len(buf), buf)
 
     image.backing = read_backing
+
+
+def _cache_sizes(opt: dict[str, Any], header: Any, name: str) -> tuple[int, int]:
+    """L2 and refcount cache bytes from the options, with QEMU's rules and messages
+    (read_cache_sizes, qcow2_update_options_prepare). Unlike QEMU (32 MiB at most, 4
+    refcount blocks), the defaults stay 1 MiB of L2 tables and a quarter of that for
+    refcount blocks; ``l2-cache-entry-size`` is validated only, as whole tables are cached."""
+
+    def verbatim(msg: str) -> BlockError:
+        exc = BlockError(errno.EINVAL, msg, name)
+        exc.verbatim = True  # type: ignore[attr-defined]  # QEMU's lowercase start
+        return exc
+
+    def size(key: str) -> int:
+        try:
+            return parse_size(opt[key])
+        except (BlockError, ValueError):
+            raise BlockError(errno.EINVAL, f"Parameter '{key}' expects a non-negative number "
+                             "below 2^64", name) from None  # fmt: skip
+
+    cs = header.cluster_size
+    entry_bytes = 16 if header.extended_l2 else 8
+    max_l2 = -(-(-(-header.size // cs) * entry_bytes) // cs) * cs  # every L2 table
+    l2 = min(max_l2, size("l2-cache-size")) if "l2-cache-size" in opt else 1 << 20
+    rc = size("refcount-cache-size") if "refcount-cache-size" in opt else max(4 * cs, l2 // 4)
+    if "cache-size" in opt:
+        total = size("cache-size")
+        if "l2-cache-size" in opt and "refcount-cache-size" in opt:
+            raise verbatim("cache-size, l2-cache-size and refcount-cache-size may not be set "
+                           "at the same time")
+        if "l2-cache-size" in opt and size("l2-cache-size") > total:
+            raise verbatim("l2-cache-size may not exceed cache-size")
+        if "refcount-cache-size" in opt and rc > total:
+            raise verbatim("refcount-cache-size may not exceed cache-size")
+        if "l2-cache-size" in opt:
+            rc = total - l2
+        elif "refcount-cache-size" in opt:
+            l2 = total - rc
+        elif total >= max_l2 + 4 * cs:
+            l2, rc = max_l2, total - max_l2  # as much as possible to the L2 cache
+        else:
+            rc = min(total, 4 * cs)
+            l2 = total - rc
+    entry = size("l2-cache-entry-size") if "l2-cache-entry-size" in opt else cs
+    if entry < 512 or entry > cs or entry & (entry - 1):
+        raise BlockError(errno.EINVAL, "L2 cache entry size must be a power of two between "
+                         f"512 and the cluster size ({cs})", name)  # fmt: skip
+    if "cache-clean-interval" in opt:
+        try:
+            interval = int(str(opt["cache-clean-interval"]), 0)
+        except ValueError:
+            raise BlockError(errno.EINVAL, "Parameter 'cache-clean-interval' expects a number",
+                             name) from None  # fmt: skip
+        if not 0 <= interval <= 0xFFFFFFFF:  # QEMU parses it unsigned: -1 is too big
+            raise BlockError(errno.EINVAL, "Cache clean interval too big", name)
+    return l2, rc
 
 
 async def _repair_dirty(image: Qcow2Image) -> None:
