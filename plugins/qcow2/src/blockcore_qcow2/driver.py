@@ -159,7 +159,7 @@ CREATE_OPTS = (
 RUNTIME_OPTS = (
     OptionSpec("lazy-refcounts", "bool", "postpone refcount updates (header default)"),
     OptionSpec("pass-discard-request", "bool", "pass guest discards to the file",),
-    OptionSpec("pass-discard-snapshot", "bool", "accepted, no internal snapshot ops", True),
+    OptionSpec("pass-discard-snapshot", "bool", "punch clusters snapshot operations free", True),
     OptionSpec("pass-discard-other", "bool", "discard other freed clusters in the file", False),
     OptionSpec("l2-cache-size", "size", "bytes of L2 tables cached", 1 << 20),
     OptionSpec("refcount-cache-size", "size", "bytes of refcount blocks cached", 256 << 10),
@@ -230,6 +230,9 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
                                    "pass-discard-request"),
         discard_other=parse_bool(opt.get("pass-discard-other", False), "pass-discard-other"),
     ))  # fmt: skip
+    # read by .snapshot: punch clusters snapshot operations free (QEMU's default: on)
+    image.discard_snapshot = parse_bool(  # type: ignore[attr-defined]
+        opt.get("pass-discard-snapshot", True), "pass-discard-snapshot")
     if image.lazy_refcounts and header.version < 3:
         raise BlockError(errno.EINVAL, "lazy refcounts need a v3 image (compat=1.1)", name)
     if rw and image.dirty and not flags & OpenFlags.CHECK:
