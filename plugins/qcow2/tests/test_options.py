@@ -46,6 +46,7 @@ SPLITS: dict[str, tuple[dict[str, Any], int, int]] = {
     "total-with-refcount": ({"cache-size": "64k", "refcount-cache-size": "32k"}, 8, 8),
     "entry-size": ({"l2-cache-size": "8k", "l2-cache-entry-size": "512"}, 2, None),
     "clean-interval": ({"l2-cache-size": "8k", "cache-clean-interval": "30"}, 2, None),
+    "clean-interval-hex": ({"l2-cache-size": "8k", "cache-clean-interval": "0x1e"}, 2, None),
 }  # fmt: skip
 
 
@@ -96,6 +97,7 @@ ERRORS = {
     "cache-clean-interval=-1": "Cache clean interval too big",
     "cache-clean-interval=4294967296": "Cache clean interval too big",
     "cache-clean-interval=abc": "Parameter 'cache-clean-interval' expects a number",
+    "cache-clean-interval=08": "Parameter 'cache-clean-interval' expects a number",  # octal
 }  # fmt: skip
 
 

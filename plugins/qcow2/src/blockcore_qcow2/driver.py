@@ -304,7 +304,10 @@ def _cache_sizes(opt: dict[str, Any], header: Any, name: str) -> tuple[int, int]
                          f"512 and the cluster size ({cs})", name)  # fmt: skip
     if "cache-clean-interval" in opt:
         try:
-            interval = int(str(opt["cache-clean-interval"]), 0)
+            text = str(opt["cache-clean-interval"]).strip()
+            # strtoull base 0: 0x.. hex, 0.. octal, else decimal
+            octal = len(text) > 1 and text[0] == "0" and text[1] not in "xX"
+            interval = int(text, 8) if octal else int(text, 0)
         except ValueError:
             raise BlockError(errno.EINVAL, "Parameter 'cache-clean-interval' expects a number",
                              name) from None  # fmt: skip
