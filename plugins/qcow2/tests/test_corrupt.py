@@ -77,6 +77,12 @@ def test_write_onto_metadata_marks_image_corrupt(tmp_path: Path, target: str) ->
     meta = lay[what]
     _poke_l2(img, lay["l2"], 0, COPIED | meta)
     before = img.read_bytes()[meta : meta + 64 * KiB]
+    # QEMU on a copy: the write fails with EIO and the image is marked corrupt
+    ref = tmp_path / "ref.qcow2"
+    ref.write_bytes(img.read_bytes())
+    out = qemu_io(ref, "read -P 2 1M 4k", "write -P 3 0 4k", check=False)
+    assert "write failed: Input/output error" in out, out
+    assert info(ref)["format-specific"]["data"]["corrupt"] is True
     with BlockBackend.open(str(img), {}, OpenFlags.RDWR) as blk:
         assert blk.pread(1 * MiB, 4 * KiB) == b"\x02" * 4096  # loads the L2 table
         if warm:
