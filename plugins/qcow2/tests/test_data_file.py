@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 import blockcore
 from blockcore import BdrvRequestFlags, BlockBackend, OpenFlags
 
-from .conftest import info, qemu_img, qemu_io, requires_qemu
+from .conftest import check_clean, image_tool, info, qemu_img, qemu_io, requires_qemu
 
 pytestmark = requires_qemu
 
@@ -28,10 +27,7 @@ def _create(tool: str, work: Path, name: str, opts: str) -> Path:
     if tool == "qemu":
         qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(img), str(SIZE))
     elif tool == "cli":
-        proc = subprocess.run([sys.executable, "-m", "blockcore.img", "create", "-q", "-f",
-                               "qcow2", "-o", opts, str(img), str(SIZE)],
-                              capture_output=True, text=True, check=False)  # fmt: skip
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        image_tool("cli", "create", "-q", "-f", "qcow2", "-o", opts, str(img), str(SIZE))
     else:
         o: dict[str, object] = {"size": SIZE}
         for kv in opts.split(","):
@@ -77,12 +73,6 @@ def _expected() -> bytes:
     return bytes(buf)
 
 
-def _clean(img: Path) -> None:
-    proc = qemu_img("check", str(img), check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "No errors were found" in proc.stdout
-
-
 @pytest.mark.parametrize("raw", [False, True], ids=["data_file", "data_file_raw"])
 @pytest.mark.parametrize("tool", ["api", "cli"])
 def test_data_file_created_and_written_by_blockcore(monkeypatch: pytest.MonkeyPatch,
@@ -102,7 +92,7 @@ def test_data_file_created_and_written_by_blockcore(monkeypatch: pytest.MonkeyPa
             qemu_io(img, *_qemu_cmds())
         else:
             _ours(img)
-        _clean(img)
+        check_clean(img)
         results[who] = img
     ours, ref = results[tool], results["qemu"]
     # the images themselves: same header and metadata as qemu-img create + qemu-io wrote

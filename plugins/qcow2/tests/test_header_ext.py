@@ -13,7 +13,7 @@ import pytest
 
 from blockcore import BlockBackend, OpenFlags
 
-from .conftest import create, qemu_img, qemu_io, requires_qemu
+from .conftest import check_clean, create, image_tool, qemu_io, requires_qemu
 
 pytestmark = requires_qemu
 
@@ -47,19 +47,6 @@ def _add_extension(path: Path, typ: int, data: bytes) -> None:
     path.write_bytes(bytes(b))
 
 
-def _tool(tool: str, *args: str) -> None:
-    argv = ["qemu-img"] if tool == "qemu" else [sys.executable, "-m", "blockcore.img"]
-    proc = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=120,
-                          check=False)  # fmt: skip
-    assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
-
-
-def _clean(path: Path) -> None:
-    proc = qemu_img("check", str(path), check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "No errors were found" in proc.stdout
-
-
 # name -> (create options, image-tool arguments before the filename, after it)
 OPERATIONS = {
     "resize-grow-l1": ("", ["resize"], ["20G"]),  # new L1 table and size in the header
@@ -83,15 +70,15 @@ def test_unknown_extension_survives_header_rewrites(tmp_path: Path, op: str, dat
         img = create(tmp_path / f"{tool}.qcow2", "8M", opts)
         qemu_io(img, "write -P 0x3c 0 128k", "write -P 0x4d 7M 64k")
         _add_extension(img, MAGIC, data)
-        _clean(img)
+        check_clean(img)
         if op == "resize-shrink":
             qemu_io(img, "discard 1M 7M")  # nothing past the new end
         if op == "rebase-unsafe":
-            _tool("qemu", "rebase", "-u", "-b", str(tmp_path / "gone.raw"), "-F", "raw",
+            image_tool("qemu", "rebase", "-u", "-b", str(tmp_path / "gone.raw"), "-F", "raw",
                   str(img))  # fmt: skip
-        _tool(tool, *before, str(img), *after)
+        image_tool(tool, *before, str(img), *after)
         assert (MAGIC, data) in _extensions(img), (tool, _extensions(img))
-        _clean(img)
+        check_clean(img)
         qemu_io(img, "read -P 0x3c 0 128k")
 
 
@@ -107,7 +94,7 @@ def test_unknown_extension_survives_lazy_refcount_dirty_bit(tmp_path: Path) -> N
         assert (MAGIC, DATA) in _extensions(img)
     assert not struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 1
     assert (MAGIC, DATA) in _extensions(img)
-    _clean(img)
+    check_clean(img)
     qemu_io(img, "read -P 0x5e 0 70000")
 
 
@@ -129,7 +116,7 @@ def test_unknown_extension_survives_dirty_repair_and_reftable_growth(tmp_path: P
     assert struct.unpack_from(">Q", h, 48)[0] != table, "refcount table did not move"
     assert struct.unpack_from(">Q", h, 88)[0] == 0
     assert (MAGIC, DATA) in _extensions(img)
-    _clean(img)
+    check_clean(img)
     qemu_io(img, "read -P 0x61 0 12M", "read -P 0 12M 4M")
 
 
@@ -150,10 +137,10 @@ def test_unknown_feature_bits_as_qemu(tmp_path: Path, op: str) -> None:
                                   capture_output=True, text=True, check=False)  # fmt: skip
             assert proc.returncode == 0, proc.stdout + proc.stderr
         elif op == "amend-lazy-off":
-            _tool(tool, "amend", "-o", "lazy_refcounts=off", str(img))
+            image_tool(tool, "amend", "-o", "lazy_refcounts=off", str(img))
         else:
-            _tool(tool, "resize", str(img), "16M")
+            image_tool(tool, "resize", str(img), "16M")
         words[tool] = struct.unpack_from(">QQQ", img.read_bytes(), 72)
-        _clean(img)
+        check_clean(img)
     assert words["blockcore"] == words["qemu"]
     assert words["qemu"][1] & 1 << 5 and not words["qemu"][2]

@@ -15,17 +15,12 @@ import pytest
 
 from blockcore import BdrvRequestFlags, BlockBackend, OpenFlags
 
-from .conftest import create, qemu_img, qemu_io, requires_qemu
+from .conftest import check_clean, create, image_tool, qemu_img, qemu_io, requires_qemu
 
 pytestmark = requires_qemu
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = 4096  # an L2 table maps 2 MiB, a refcount block 8 MiB of file
-
-
-def _clean(img: Path) -> None:
-    proc = qemu_img("check", str(img), check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # -------------------------------------------------------------------------------------------
@@ -76,7 +71,7 @@ def test_cache_sizes_bound_the_caches(tmp_path: Path, case: str) -> None:
             assert len(l2.tables) <= l2.capacity
         blk.flush()
     assert seen_l2 == min(l2.capacity, 32)  # the cache was used up to its size
-    _clean(img)
+    check_clean(img)
     cmds = [f"read -P {i + 1} {i * 2 * MiB + r * 512 * KiB} 64k" for i in range(32)
             for r in range(2)]  # fmt: skip
     qemu_io(img, *cmds)
@@ -207,7 +202,7 @@ def test_pass_discard_as_qemu(request: pytest.FixtureRequest, tmp_path: Path, op
                 blk.flush()
         punched[tool] = _punched(before, _blocks(img))
         paths[tool] = img
-        _clean(img)
+        check_clean(img)
     assert punched["blockcore"] == punched["qemu"], punched
     proc = qemu_img("compare", str(paths["qemu"]), str(paths["blockcore"]), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -232,13 +227,10 @@ def test_pass_discard_snapshot_as_qemu_img(tmp_path: Path, op: str, value: str |
         spec = f"driver=qcow2,file.filename={img}"
         if value is not None:
             spec += f",pass-discard-snapshot={value}"
-        argv = ["qemu-img"] if tool == "qemu" else [sys.executable, "-m", "blockcore.img"]
-        proc = subprocess.run([*argv, "snapshot", op, "s1", "--image-opts", spec],
-                              capture_output=True, text=True, check=False)  # fmt: skip
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        image_tool(tool, "snapshot", op, "s1", "--image-opts", spec)
         punched[tool] = _punched(before, _blocks(img))
         paths[tool] = img
-        _clean(img)
+        check_clean(img)
     assert punched["blockcore"] == punched["qemu"] == (value != "off"), punched
     proc = qemu_img("compare", str(paths["qemu"]), str(paths["blockcore"]), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

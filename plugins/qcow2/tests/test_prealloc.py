@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import blockcore
 
-from .conftest import qemu_img, qemu_io, requires_qemu
+from .conftest import check_clean, image_tool, qemu_img, qemu_io, requires_qemu
 
 pytestmark = requires_qemu
 
@@ -24,17 +22,6 @@ SIZE = 6 * MiB + 512 * 1024  # not a multiple of the L2 span or of 2 MiB cluster
 
 def _map(img: Path) -> list[dict[str, object]]:
     return json.loads(qemu_img("map", "--output=json", str(img)).stdout)
-
-
-def _clean(img: Path) -> None:
-    proc = qemu_img("check", str(img), check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def _img(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "blockcore.img", *args], capture_output=True,
-                          text=True, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 OPTS = ["", "cluster_size=4k", "cluster_size=2M", "extended_l2=on", "compat=0.10",
@@ -58,7 +45,9 @@ def _create_both(tmp_path: Path, how: str, mode: str, opts: str) -> tuple[Path, 
     full_opts = ",".join(o for o in (opts, f"preallocation={mode}") if o)
     qemu_img("create", "-q", "-f", "qcow2", "-o", full_opts, str(ref), str(SIZE))
     if how == "cli":
-        _img("create", "-q", "-f", "qcow2", "-o", full_opts, str(ours), str(SIZE))
+        image_tool(
+            "blockcore", "create", "-q", "-f", "qcow2", "-o", full_opts, str(ours), str(SIZE)
+        )
     else:
         o: dict[str, object] = {"size": SIZE}
         for kv in full_opts.split(","):
@@ -104,12 +93,12 @@ def _valid_bug(mode: str, opts: str) -> str | None:
 def test_preallocated_create_valid(tmp_path: Path, how: str, mode: str, opts: str) -> None:
     """Check clean, the file as big as qemu-img's, the same map flags, zeros to read."""
     ref, ours = _create_both(tmp_path, how, mode, opts)
-    _clean(ours)
+    check_clean(ours)
     assert ours.stat().st_size == ref.stat().st_size
     assert _flags(ours) == _flags(ref)
     out = qemu_io(ours, f"read -P 0 0 {SIZE}", "write -P 0x3e 1M 64k", "read -P 0x3e 1M 64k")
     assert "verification" not in out
-    _clean(ours)
+    check_clean(ours)
 
 
 @pytest.mark.parametrize(("how", "mode", "opts"), _cases(
@@ -155,8 +144,8 @@ def test_preallocated_resize_as_qemu_img(tmp_path: Path, mode: str) -> None:
         if tool == "qemu":
             qemu_img(*args)
         else:
-            _img(*args)
-        _clean(img)
+            image_tool("blockcore", *args)
+        check_clean(img)
         qemu_io(img, "read -P 0x51 0 100k", "read -P 0x52 2M 1M", "read -P 0 3M 5M")
         files[tool] = img
     assert files["blockcore"].stat().st_size == files["qemu"].stat().st_size
