@@ -112,8 +112,8 @@ async def amend(img: Qcow2Image, options: dict[str, Any], has_backing: bool) -> 
             else:
                 await _mark_clean(img)
                 img.lazy_refcounts = False
-                await img.write_header(attrs.evolve(img.header, compatible_features=img.header
-                                                    .compatible_features & ~int(Compat.LAZY_REFCOUNTS)))
+                compat = img.header.compatible_features & ~int(Compat.LAZY_REFCOUNTS)
+                await img.write_header(attrs.evolve(img.header, compatible_features=compat))
     if new_size:
         if img.header.version < 3 and img.header.nb_snapshots:
             raise NotSupportedError("Can't resize a v2 image which has snapshots", img.file.name)
