@@ -68,9 +68,12 @@ UNCACHED_BUG = ("Qcow2Image.overlap (image.py) only checks refcount blocks and L
                 "by the active L1, so the guest write lands on the metadata")  # fmt: skip
 
 
+UNCACHED = ("refcount-block-uncached", "other-l2-table-uncached")
+
+
 @pytest.mark.parametrize("target", [
     pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=UNCACHED_BUG))
-    if t in ("refcount-block-uncached", "other-l2-table-uncached") else t for t in TARGETS])  # fmt: skip
+    if t in UNCACHED else t for t in TARGETS])  # fmt: skip
 def test_write_onto_metadata_marks_image_corrupt(tmp_path: Path, target: str) -> None:
     img, lay = _image(tmp_path)
     what, warm = TARGETS[target]
