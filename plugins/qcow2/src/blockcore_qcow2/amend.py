@@ -33,6 +33,7 @@ from .format import (
     Autoclear,
     Compat,
     CompressionType,
+    ExtType,
     Incompat,
 )
 
@@ -249,4 +250,8 @@ async def make_empty(img: Qcow2Image) -> None:
         disk = img.geo.size_to_l1(img.header.size)
         active = [0 if i < disk else e & L1E_OFFSET_MASK for i, e in enumerate(img.l1)]
         snapshots, table_size = await snapshot.read_table(img)
+        if img.header.version >= 3 and not snapshots and not img.has_data_file \
+                and img.header.extension(ExtType.BITMAPS) is None:  # fmt: skip
+            # where qcow2_make_empty takes its make_completely_empty path
+            await img.file.event("empty_image_prepare")
         await snapshot.commit(img, active, snapshots, img.header.size, keep_table=table_size)
