@@ -44,3 +44,21 @@ def info(path: Path) -> dict[str, Any]:
 def to_raw(path: Path, out: Path) -> bytes:
     qemu_img("convert", "-O", "raw", str(path), str(out))
     return out.read_bytes()
+
+
+def image_tool(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``qemu-img`` (tool "qemu") or blockcore-img (anything else) and require success."""
+    import sys
+
+    argv = ["qemu-img"] if tool == "qemu" else [sys.executable, "-m", "blockcore.img"]
+    proc = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    return proc
+
+
+def check_clean(path: Path | str) -> None:
+    """``qemu-img check`` finds no errors and no leaks."""
+    proc = qemu_img("check", str(path), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "No errors were found" in proc.stdout, proc.stdout

@@ -33,6 +33,7 @@ from .format import (
     Autoclear,
     Compat,
     CompressionType,
+    ExtType,
     Incompat,
 )
 
@@ -112,8 +113,8 @@ async def amend(img: Qcow2Image, options: dict[str, Any], has_backing: bool) -> 
             else:
                 await _mark_clean(img)
                 img.lazy_refcounts = False
-                await img.write_header(attrs.evolve(img.header, compatible_features=img.header
-                                                    .compatible_features & ~Compat.LAZY_REFCOUNTS))
+                compat = img.header.compatible_features & ~int(Compat.LAZY_REFCOUNTS)
+                await img.write_header(attrs.evolve(img.header, compatible_features=compat))
     if new_size:
         if img.header.version < 3 and img.header.nb_snapshots:
             raise NotSupportedError("Can't resize a v2 image which has snapshots", img.file.name)
@@ -249,4 +250,8 @@ async def make_empty(img: Qcow2Image) -> None:
         disk = img.geo.size_to_l1(img.header.size)
         active = [0 if i < disk else e & L1E_OFFSET_MASK for i, e in enumerate(img.l1)]
         snapshots, table_size = await snapshot.read_table(img)
+        if img.header.version >= 3 and not snapshots and not img.has_data_file \
+                and img.header.extension(ExtType.BITMAPS) is None:  # fmt: skip
+            # where qcow2_make_empty takes its make_completely_empty path
+            await img.file.event("empty_image_prepare")
         await snapshot.commit(img, active, snapshots, img.header.size, keep_table=table_size)

@@ -160,13 +160,14 @@ CREATE_OPTS = (
 RUNTIME_OPTS = (
     OptionSpec("lazy-refcounts", "bool", "postpone refcount updates (header default)"),
     OptionSpec("pass-discard-request", "bool", "pass guest discards to the file",),
-    OptionSpec("pass-discard-snapshot", "bool", "accepted, no internal snapshot ops", True),
+    OptionSpec("pass-discard-snapshot", "bool", "punch clusters snapshot operations free", True),
     OptionSpec("pass-discard-other", "bool", "discard other freed clusters in the file", False),
     OptionSpec("l2-cache-size", "size", "bytes of L2 tables cached", 1 << 20),
     OptionSpec("refcount-cache-size", "size", "bytes of refcount blocks cached", 256 << 10),
     OptionSpec("cache-size", "size", "L2 plus refcount cache bytes"),
+    OptionSpec("l2-cache-entry-size", "size", "validated; whole L2 tables are cached"),
     OptionSpec("overlap-check", "string", "accepted for compatibility; not implemented"),
-    OptionSpec("cache-clean-interval", "number", "accepted for compatibility", 0),
+    OptionSpec("cache-clean-interval", "number", "validated; caches are never cleaned", 0),
 )
 
 
@@ -221,26 +222,27 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         raise BlockError(errno.EINVAL, "'data-file' can only be set for images with an "
                          "external data file", name)  # fmt: skip
     cs = header.cluster_size
-    l2_bytes = parse_size(opt.get("l2-cache-size", 1 << 20))
-    if "cache-size" in opt:
-        l2_bytes = parse_size(opt["cache-size"]) * 3 // 4
-    rc_bytes = parse_size(opt.get("refcount-cache-size", max(4 * cs, l2_bytes // 4)))
+    l2_bytes, rc_bytes = _cache_sizes(opt, header, name)
     lazy = opt.get("lazy-refcounts")
     image = run_co(bs, Qcow2Image.open(
         file, data_file=data, read_only=not rw, header=header,
-        l2_cache_tables=max(2, l2_bytes // cs), refcount_cache_tables=max(2, rc_bytes // cs),
+        l2_cache_tables=max(2, l2_bytes // cs), refcount_cache_tables=max(4, rc_bytes // cs),
         lazy_refcounts=parse_bool(lazy, "lazy-refcounts") if lazy is not None else None,
         discard_request=parse_bool(opt.get("pass-discard-request", bool(flags & OpenFlags.UNMAP)),
                                    "pass-discard-request"),
         discard_other=parse_bool(opt.get("pass-discard-other", False), "pass-discard-other"),
     ))  # fmt: skip
+    # read by .snapshot: punch clusters snapshot operations free (QEMU's default: on)
+    image.discard_snapshot = parse_bool(  # type: ignore[attr-defined]
+        opt.get("pass-discard-snapshot", True), "pass-discard-snapshot")
     if image.lazy_refcounts and header.version < 3:
         raise BlockError(errno.EINVAL, "lazy refcounts need a v3 image (compat=1.1)", name)
     if rw and image.dirty and not flags & OpenFlags.CHECK:
         run_co(bs, _repair_dirty(image))
-    if rw and header.autoclear_features & ~(Autoclear.DATA_FILE_RAW | Autoclear.BITMAPS):
+    known = int(Autoclear.DATA_FILE_RAW | Autoclear.BITMAPS)  # ~ of an IntFlag drops bits
+    if rw and header.autoclear_features & ~known:
         # Autoclear bits we do not maintain must be cleared before writing.
-        keep = header.autoclear_features & (Autoclear.DATA_FILE_RAW | Autoclear.BITMAPS)
+        keep = image.header.autoclear_features & known
         run_co(bs, image.write_header(attrs.evolve(image.header, autoclear_features=keep)))
     bs.backing_file = header.backing_file or ""
     bs.backing_format = header.backing_format or ""
@@ -255,6 +257,65 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         await io.bdrv_co_preadv(bs.backing, offset, len(buf), buf)
 
     image.backing = read_backing
+
+
+def _cache_sizes(opt: dict[str, Any], header: Any, name: str) -> tuple[int, int]:
+    """L2 and refcount cache bytes from the options, with QEMU's rules and messages
+    (read_cache_sizes, qcow2_update_options_prepare). Unlike QEMU (32 MiB at most, 4
+    refcount blocks), the defaults stay 1 MiB of L2 tables and a quarter of that for
+    refcount blocks; ``l2-cache-entry-size`` is validated only, as whole tables are cached."""
+
+    def verbatim(msg: str) -> BlockError:
+        exc = BlockError(errno.EINVAL, msg, name)
+        exc.verbatim = True  # type: ignore[attr-defined]  # QEMU's lowercase start
+        return exc
+
+    def size(key: str) -> int:
+        try:
+            return parse_size(opt[key])
+        except (BlockError, ValueError):
+            raise BlockError(errno.EINVAL, f"Parameter '{key}' expects a non-negative number "
+                             "below 2^64", name) from None  # fmt: skip
+
+    cs = header.cluster_size
+    entry_bytes = 16 if header.extended_l2 else 8
+    max_l2 = -(-(-(-header.size // cs) * entry_bytes) // cs) * cs  # every L2 table
+    l2 = min(max_l2, size("l2-cache-size")) if "l2-cache-size" in opt else 1 << 20
+    rc = size("refcount-cache-size") if "refcount-cache-size" in opt else max(4 * cs, l2 // 4)
+    if "cache-size" in opt:
+        total = size("cache-size")
+        if "l2-cache-size" in opt and "refcount-cache-size" in opt:
+            raise verbatim("cache-size, l2-cache-size and refcount-cache-size may not be set "
+                           "at the same time")
+        if "l2-cache-size" in opt and size("l2-cache-size") > total:
+            raise verbatim("l2-cache-size may not exceed cache-size")
+        if "refcount-cache-size" in opt and rc > total:
+            raise verbatim("refcount-cache-size may not exceed cache-size")
+        if "l2-cache-size" in opt:
+            rc = total - l2
+        elif "refcount-cache-size" in opt:
+            l2 = total - rc
+        elif total >= max_l2 + 4 * cs:
+            l2, rc = max_l2, total - max_l2  # as much as possible to the L2 cache
+        else:
+            rc = min(total, 4 * cs)
+            l2 = total - rc
+    entry = size("l2-cache-entry-size") if "l2-cache-entry-size" in opt else cs
+    if entry < 512 or entry > cs or entry & (entry - 1):
+        raise BlockError(errno.EINVAL, "L2 cache entry size must be a power of two between "
+                         f"512 and the cluster size ({cs})", name)  # fmt: skip
+    if "cache-clean-interval" in opt:
+        try:
+            text = str(opt["cache-clean-interval"]).strip()
+            # strtoull base 0: 0x.. hex, 0.. octal, else decimal
+            octal = len(text) > 1 and text[0] == "0" and text[1] not in "xX"
+            interval = int(text, 8) if octal else int(text, 0)
+        except ValueError:
+            raise BlockError(errno.EINVAL, "Parameter 'cache-clean-interval' expects a number",
+                             name) from None  # fmt: skip
+        if not 0 <= interval <= 0xFFFFFFFF:  # QEMU parses it unsigned: -1 is too big
+            raise BlockError(errno.EINVAL, "Cache clean interval too big", name)
+    return l2, rc
 
 
 async def _repair_dirty(image: Qcow2Image) -> None:

@@ -233,7 +233,7 @@ async def create(img: Qcow2Image, sn_info: dict[str, Any]) -> None:
             vm_state_size=int(sn_info.get("vm-state-size", 0)), disk_size=img.header.size,
             icount=int(sn_info.get("icount", -1)), pending_l1=active,
         )  # fmt: skip
-        await commit(img, active, [*snapshots, sn], img.header.size)
+        await commit(img, active, [*snapshots, sn], img.header.size, discard=_punch(img))
     sn_info["id"] = sn_id
 
 
@@ -255,7 +255,8 @@ async def goto(img: Qcow2Image, id_or_name: str) -> int:
         size = sn.disk_size
         n = max(len(img.l1), sn.l1_size, img.geo.size_to_l1(size))
         active = [e & L1E_OFFSET_MASK for e in l1] + [0] * (n - len(l1))
-        await commit(img, active, snapshots, size, keep_table=table_size)
+        await commit(img, active, snapshots, size, keep_table=table_size,
+                     discard=_punch(img))
         return size
 
 
@@ -270,7 +271,7 @@ async def delete(img: Qcow2Image, snapshot_id: str | None, name: str | None) -> 
             raise BlockError(errno.ENOENT, "Can't find the snapshot", img.file.name)
         rest = snapshots[:i] + snapshots[i + 1 :]
         active = [e & L1E_OFFSET_MASK for e in img.l1]
-        await commit(img, active, rest, img.header.size)
+        await commit(img, active, rest, img.header.size, discard=_punch(img))
 
 
 # -------------------------------------------------------------------------------------------
@@ -421,12 +422,13 @@ async def _count_bitmaps(img: Qcow2Image, refs: _Refs) -> None:
 
 async def commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapshot],
                  size: int, *, keep_table: int = 0, refcount_order: int | None = None,
-                 version: int | None = None) -> None:  # fmt: skip
+                 version: int | None = None, discard: bool = False) -> None:  # fmt: skip
     """Make (active L1 = ``active`` L2 offsets, ``snapshots``, virtual ``size``) the image's
     state with one header write. ``keep_table``: the snapshot table on disk is unchanged and
     this many bytes long. ``refcount_order``: build the new refcount structure with entries
     of ``1 << refcount_order`` bits (amend's refcount_bits). ``version``: header version to
-    write (amend's upgrade). The caller holds the image lock and flushed the caches."""
+    write (amend's upgrade). ``discard``: punch the clusters the switch frees in the file
+    (pass-discard-snapshot). The caller holds the image lock and flushed the caches."""
     geo, rc, h = img.geo, img.refcounts, img.header
     order = rc.order if refcount_order is None else refcount_order
     max_refcount = (1 << (1 << order)) - 1
@@ -503,6 +505,13 @@ async def commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapsho
         raise BlockError(errno.EINVAL, f"refcount {worst} out of range 0..{max_refcount}",
                          img.file.name)  # fmt: skip
 
+    # Clusters in use now (refcount > 0 in the old structure) that the new state leaves
+    # free: punched once the switch is done, as QEMU passes QCOW2_DISCARD_SNAPSHOT frees on.
+    in_use: list[int] = []
+    if discard:
+        last = -(-await img.file.getlength() // cs)
+        in_use = [ci for ci in range(1, last) if refs.get(ci) == 0 and await rc.get(ci) > 0]
+
     # Everything below goes to clusters nothing live references; the header makes it live.
     f = img.file
     for off, data in rewrite.items():
@@ -542,6 +551,7 @@ async def commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapsho
     # The new state is live: bring the in-memory structures in line.
     img.l1 = final_l1
     img.l2_cache.invalidate()
+    await _discard_runs(img, in_use)
     if order != rc.order:
         img.refcounts = Refcounts(img.file, cb, order, rt_off << cb, entries, rt_clusters,
                                   rc.cache.capacity, rc.set_table)  # fmt: skip
@@ -551,6 +561,28 @@ async def commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapsho
     rc.cache.invalidate()
     rc.free_cluster_index = 0
     rc.free_byte_offset = 0
+
+
+def _punch(img: Qcow2Image) -> bool:
+    # set by the driver from pass-discard-snapshot (default on, as QEMU); engines opened
+    # directly (tests, create) have no such option and never punch
+    return bool(getattr(img, "discard_snapshot", False))
+
+
+async def _discard_runs(img: Qcow2Image, clusters: list[int]) -> None:
+    """Discard ``clusters`` (sorted indices) in the file, a run of neighbours at a time;
+    failures are ignored (the clusters are free either way)."""
+    cb = img.geo.cluster_bits
+    i = 0
+    while i < len(clusters):
+        j = i
+        while j + 1 < len(clusters) and clusters[j + 1] == clusters[j] + 1:
+            j += 1
+        try:
+            await img.file.discard(clusters[i] << cb, (j - i + 1) << cb)
+        except OSError:
+            pass
+        i = j + 1
 
 
 async def _plan_refcounts(img: Qcow2Image, refs: _Refs, alloc: _Allocator, bb: int
