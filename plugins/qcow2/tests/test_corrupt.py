@@ -62,18 +62,9 @@ TARGETS = {
     "other-l2-table-cached": ("other-l2", True),
     "other-l2-table-uncached": ("other-l2", False),
 }
-UNCACHED_BUG = ("Qcow2Image.overlap (image.py) only checks refcount blocks and L2 tables "
-                "that happen to be in the caches; QEMU's 'cached' overlap template checks "
-                "every refcount block named by the refcount table and every L2 table named "
-                "by the active L1, so the guest write lands on the metadata")  # fmt: skip
 
 
-UNCACHED = ("refcount-block-uncached", "other-l2-table-uncached")
-
-
-@pytest.mark.parametrize("target", [
-    pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=UNCACHED_BUG))
-    if t in UNCACHED else t for t in TARGETS])  # fmt: skip
+@pytest.mark.parametrize("target", list(TARGETS))
 def test_write_onto_metadata_marks_image_corrupt(tmp_path: Path, target: str) -> None:
     img, lay = _image(tmp_path)
     what, warm = TARGETS[target]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import itertools
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -187,3 +190,31 @@ def subcluster_run(
 def host_cluster_offset(entry: int) -> int:
     """Host offset of a standard (non-compressed) entry."""
     return entry & L2E_OFFSET_MASK
+
+
+_serials = itertools.count()
+
+
+class VersionedList(list):  # type: ignore[type-arg]
+    """A table kept in memory (the L1 table, the refcount table) that counts its changes in
+    ``version``, so an index built from it knows when to rebuild (see
+    ``Qcow2Image.overlap``); ``serial`` tells a replaced table from the one before."""
+
+    __slots__ = ("serial", "version")
+
+    def __init__(self, items: Iterable[int] = ()) -> None:
+        super().__init__(items)
+        self.serial = next(_serials)
+        self.version = 0
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        super().__setitem__(index, value)
+        self.version += 1
+
+    def append(self, value: int) -> None:
+        super().append(value)
+        self.version += 1
+
+    def extend(self, values: Iterable[int]) -> None:
+        super().extend(values)
+        self.version += 1

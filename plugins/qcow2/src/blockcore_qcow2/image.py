@@ -20,7 +20,7 @@ from blockcore.errors import BlockError, ImageCorruptError
 from . import alloc, clusterops, compress
 from .cache import ImageFile, TableCache
 from .cluster import ClusterType as CT
-from .cluster import Geometry, SubclusterType, cluster_type, subcluster_run
+from .cluster import Geometry, SubclusterType, VersionedList, cluster_type, subcluster_run
 from .cluster import SubclusterType as ST
 from .format import (
     L1E_OFFSET_MASK,
@@ -55,6 +55,10 @@ class Run:
     the raw L2 entry."""
 
 
+_L2_TABLE = "an active L2 table"
+_REFBLOCK = "a refcount block"
+
+
 class Qcow2Image:
     """One open qcow2 image. Metadata is guarded by ``lock`` (QEMU's s->lock)."""
 
@@ -68,7 +72,9 @@ class Qcow2Image:
         self.has_data_file = data_file is not None
         self.header = header
         self.geo = Geometry.from_header(header, self.has_data_file)
-        self.l1 = l1
+        self.l1 = l1  # a VersionedList (see the property)
+        self._meta: dict[int, str] = {}
+        self._meta_key: tuple[int, ...] = ()
         self.refcounts = refcounts
         self.read_only = read_only
         cs = self.geo.cluster_size
@@ -90,6 +96,15 @@ class Qcow2Image:
         #: bits a valid NORMAL entry never has: reserved, zero, compressed, sub-cluster offset
         self._not_normal = 0xFFFFFFFFFFFFFFFF & ~(OFLAG_COPIED | L2E_OFFSET_MASK) | (cs - 1)
         self._l2_tables = self.l2_cache.tables
+
+    @property
+    def l1(self) -> VersionedList:
+        """The active L1 table; assigning any list stores a :class:`VersionedList`."""
+        return self._l1
+
+    @l1.setter
+    def l1(self, entries: list[int]) -> None:
+        self._l1 = entries if isinstance(entries, VersionedList) else VersionedList(entries)
 
     # ================================================================== open / header
 
@@ -512,8 +527,8 @@ class Qcow2Image:
 
     def overlap(self, host: int, length: int, *, l2: bool = True) -> str | None:
         """The metadata structure ``[host, host+length)`` overlaps, if any (QEMU's
-        overlap-check "cached" template: header, active L1, refcount table, cached refcount
-        blocks and, with ``l2``, cached L2 tables)."""
+        overlap-check "cached" template: header, active L1, refcount table, every refcount
+        block and, with ``l2``, every active L2 table, plus tables cached but not linked yet)."""
         if self.has_data_file or length <= 0:
             return None
         cb = self.geo.cluster_bits
@@ -528,13 +543,32 @@ class Qcow2Image:
             return "the active L1 table"
         if first <= rta + rc.table_clusters - 1 and rta <= last:
             return "the refcount table"
+        meta = self._metadata_clusters()
         l2s, blocks = self.l2_cache.tables, rc.cache.tables
         for c in range(first, last + 1):
-            if l2 and c << cb in l2s:
-                return "an active L2 table"
+            what = meta.get(c)
+            if what is not None and (l2 or what is _REFBLOCK):
+                return what
+            if l2 and c << cb in l2s:  # cached, maybe not linked into the L1 table yet
+                return _L2_TABLE
             if c << cb in blocks:
-                return "a refcount block"
+                return _REFBLOCK
         return None
+
+    def _metadata_clusters(self) -> dict[int, str]:
+        """Host cluster index -> what it holds, for every L2 table the L1 table points at and
+        every refcount block the refcount table points at (QEMU's "cached" overlap template
+        checks them all, not just those in the caches); rebuilt after either table changed."""
+        rc = self.refcounts
+        l1, table = self._l1, rc.table
+        key = (l1.serial, l1.version, table.serial, table.version)
+        if key != self._meta_key:
+            cb = self._cb
+            meta = {e >> cb: _REFBLOCK for e in table if e}
+            meta.update(((e & L1E_OFFSET_MASK) >> cb, _L2_TABLE) for e in l1
+                        if e & L1E_OFFSET_MASK)  # fmt: skip
+            self._meta, self._meta_key = meta, key
+        return self._meta
 
     async def check_overlap(self, host: int, length: int) -> None:
         """Refuse a data write into metadata: mark the image corrupt instead."""

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from blockcore.errors import BlockError, ImageCorruptError
 
 from .cache import ImageFile, TableCache
+from .cluster import VersionedList
 from .format import MAX_REFTABLE_SIZE, REFT_OFFSET_MASK
 
 
@@ -54,7 +55,7 @@ class Refcounts:
         self.block_bits = cluster_bits + 3 - order
         self.entries_per_block = 1 << self.block_bits
         self.table_offset = table_offset
-        self.table = table
+        self.table = table  # a VersionedList (see the property)
         self.table_clusters = table_clusters
         self.cache = TableCache(file, self.cluster_size, cache_capacity, "refcount",
                                 "refblock_load", "refblock_update")  # fmt: skip
@@ -62,6 +63,15 @@ class Refcounts:
         self.free_byte_offset = 0
         #: Called with (offset, clusters) after the table moved; it rewrites the header.
         self.set_table = set_table
+
+    @property
+    def table(self) -> VersionedList:
+        """The in-memory refcount table; assigning any list stores a :class:`VersionedList`."""
+        return self._table
+
+    @table.setter
+    def table(self, entries: list[int]) -> None:
+        self._table = entries if isinstance(entries, VersionedList) else VersionedList(entries)
 
     @classmethod
     async def load(cls, file: ImageFile, cluster_bits: int, order: int, offset: int,
