@@ -84,11 +84,11 @@ class Session:
         self.loop.run_until_complete(asyncio.sleep(0))
 
     def poll_until(self, cond: Callable[[], bool]) -> None:
-        async def wait() -> None:
-            while not cond():
-                await asyncio.sleep(0.001)
-
-        self.loop.run_until_complete(wait())
+        """Run the loop until ``cond()`` holds (``while (!cond) aio_poll(ctx, true)``).
+        ``cond`` runs between loop iterations, outside any coroutine, so it may call GS
+        functions such as ``bdrv_debug_is_suspended``."""
+        while not cond():
+            self.loop.run_until_complete(asyncio.sleep(0.001))
 
     def drain(self) -> None:
         """Wait for every pending AIO request (``blk_drain_all``)."""
