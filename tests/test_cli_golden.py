@@ -98,11 +98,6 @@ DRIVER_DIFFERENCES: dict[tuple[str, int], Difference] = {
         "blkdebug:empty.conf:bd.qcow2",
         "a request suspended below qcow2 blocks every other request on the qcow2 node "
         "(the read waits forever; QEMU's qcow2 drops its lock around data I/O)"),
-    ("io-blkdebug", 1): Difference(
-        "qemu-io -c 'break write_aio B' -c 'aio_write -P 0x22 64k 4k' -c 'wait_break B' "
-        "-c 'remove_break B' -c 'aio_flush' -c 'read -P 0x22 64k 4k' "
-        "blkdebug:empty.conf:bd.qcow2",
-        "blkdebug: QEMU 7.2 reports ENOENT from remove_break once the one-shot rule fired"),
     ("io-blkdebug", 6): Difference(
         "qemu-img check bd.qcow2",
         "blockcore-qcow2 allocates the data cluster before the L2 table (fragmentation 50%)"),

@@ -438,6 +438,7 @@ def break_f(s: Session, argv: list[str]) -> int:
 
 def remove_break_f(s: Session, argv: list[str]) -> int:
     ret = _debug(s, "bdrv_debug_remove_breakpoint", argv[1])
+    s.poll_once()  # a resumed request says so before any error, as in QEMU
     if ret < 0:
         out(f"Could not remove breakpoint {argv[1]}: {strerror(-ret)}\n")
     return ret
