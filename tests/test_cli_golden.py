@@ -101,10 +101,6 @@ DRIVER_DIFFERENCES: dict[tuple[str, int], Difference] = {
     ("io-blkdebug", 6): Difference(
         "qemu-img check bd.qcow2",
         "blockcore-qcow2 allocates the data cluster before the L2 table (fragmentation 50%)"),
-    ("img-rebase-commit", 15): Difference(
-        "qemu-img map --output=json t.qcow2",
-        "blockcore-img commit copies the top's zero clusters as data into the raw base "
-        "(QEMU's commit writes zeroes, which the file driver punches)"),
 }
 
 #: Steps that hang with blockcore (not run, so they fail; their DRIVER_DIFFERENCES entry says

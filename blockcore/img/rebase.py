@@ -288,11 +288,16 @@ def _commit_plan(bs: Any, filename: str, base: str | None
 def _commit(layers: list[tuple[str, str]], base: tuple[str, str], cache_flags: OpenFlags,
             drop: bool, prog: Progress) -> None:
     """Copy what each layer above ``base`` holds into it, deepest layer first (a commit job
-    without a job: blockcore has no reopen, so each image is opened on its own)."""
-    from ..io import bdrv_getlength
-    from ..status import bdrv_is_allocated
+    without a job: blockcore has no reopen, so each image is opened on its own).
 
-    base_blk = img_open(base[0], base[1], cache_flags | OpenFlags.RDWR | OpenFlags.RESIZE)
+    Like QEMU's commit (a mirror job), a range a layer holds as zeroes is written to the base
+    as a zero write that may unmap, not as data, so a raw base gets holes there."""
+    from ..io import bdrv_getlength
+    from ..status import bdrv_block_status
+    from ..types import BdrvRequestFlags, BlockStatusFlags
+
+    base_blk = img_open(base[0], base[1],
+                        cache_flags | OpenFlags.RDWR | OpenFlags.RESIZE | OpenFlags.UNMAP)
     try:
         sizes = []
         tops = []
@@ -309,11 +314,16 @@ def _commit(layers: list[tuple[str, str]], base: tuple[str, str], cache_flags: O
                 while offset < size:
                     check_interrupted()
                     n = min(IO_BUF_SIZE, size - offset)
-                    allocated, n = bdrv_is_allocated(top.bs, offset, n)
+                    status = bdrv_block_status(top.bs, offset, n)
+                    n = status.pnum
                     if not n:
                         break
-                    if allocated:
-                        base_blk.pwrite(offset, top.pread(offset, n))
+                    if status.ret & BlockStatusFlags.ALLOCATED:
+                        if status.ret & (BlockStatusFlags.ZERO | BlockStatusFlags.DATA) == (
+                                BlockStatusFlags.ZERO):
+                            base_blk.pwrite_zeroes(offset, n, BdrvRequestFlags.MAY_UNMAP)
+                        else:
+                            base_blk.pwrite(offset, top.pread(offset, n))
                     offset += n
                     done += n
                     prog.print(100.0 * done / total, 0)
