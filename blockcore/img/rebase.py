@@ -244,11 +244,11 @@ def img_commit(argv: list[str]) -> int:
                    image_opts=image_opts)
     prog = Progress(progress, 1.0)
     prog.print(0, 100)
-    try:
-        layers, base_ref = _commit_plan(blk.bs, filename, base)
-    finally:
-        blk.close()
-    try:
+    try:  # the progress line ends before any error, as qemu-img's 'done:' path
+        try:
+            layers, base_ref = _commit_plan(blk.bs, filename, base)
+        finally:
+            blk.close()
         _commit(layers, base_ref, flags, drop, prog)
     finally:
         prog.end()

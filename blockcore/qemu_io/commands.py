@@ -281,6 +281,19 @@ _REOPEN_GENERIC = {"read-only", "auto-read-only", "cache.direct", "cache.no-flus
                    "discard", "detect-zeroes", "force-share"}  # fmt: skip
 
 
+#: Generic options that reopen turns into open flags before any driver sees them.
+_REOPEN_CACHE_FLAGS = {"cache.direct": OpenFlags.NOCACHE, "cache.no-flush": OpenFlags.NO_FLUSH}
+
+
+def _qemu_bool(value: str) -> bool | None:
+    """QAPI's bool parsing: on/yes/true/y and off/no/false/n; None for anything else."""
+    if value in ("on", "yes", "true", "y"):
+        return True
+    if value in ("off", "no", "false", "n"):
+        return False
+    return None
+
+
 def reopen_f(s: Session, argv: list[str]) -> int:
     flags = s.blk.bs.open_flags
     writethrough = s.writethrough
@@ -321,6 +334,13 @@ def reopen_f(s: Session, argv: list[str]) -> int:
     if has_cache and ({"cache.direct", "cache.no-flush"} & set(new_opts)):
         error_report("Cannot set both -c and the cache options")
         return -errno.EINVAL
+    for key, flag in _REOPEN_CACHE_FLAGS.items():  # QEMU's update_flags_from_options
+        if key in new_opts:
+            value = _qemu_bool(new_opts.pop(key))
+            if value is None:
+                error_report(f"Parameter '{key}' expects 'on' or 'off'")
+                return -errno.EINVAL
+            flags = flags | flag if value else flags & ~flag
     drv = s.blk.bs.drv
     known = {o.name for o in drv.descriptor.runtime_opts} if drv is not None else set()
     for key in new_opts:

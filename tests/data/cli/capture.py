@@ -457,6 +457,8 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-img info d.qcow2 | head -3"),
         (C, "qemu-img dd if=b1.raw of=d2.raw skip=100 bs=64k"),
         (C, "qemu-img dd if=b1.raw of=d3.raw bs=0"),
+        (C, "qemu-img commit -p -b nonexist t.qcow2"),
+        (C, "qemu-img commit -p b1.raw"),
     ],
     "img-bitmap": [
         q("qemu-img create -f qcow2 bm.qcow2 4M"),
@@ -530,6 +532,9 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-io -c 'open -x s.qcow2'"),
         (C, "qemu-io -c 'close' -c 'close' s.qcow2"),
         (C, "qemu-io -c 'reopen -o bogus=1' -c 'reopen -r -w' -c 'reopen -c bogus' -c 'length' s.qcow2"),
+        (C, "qemu-io -c 'reopen -o cache.direct=on,cache.no-flush=on' -c 'write -P 3 0 4k' "
+            "-c 'reopen -o cache.direct=off' -c 'read -P 3 0 4k' -c 'reopen -o cache.direct=maybe' "
+            "-c 'reopen -c none -o cache.no-flush=off' s.qcow2"),
     ],
     "io-raw": [
         q("qemu-img create -f raw r.raw 1M"),
