@@ -9,6 +9,7 @@ import pytest
 from cli_golden import all_goldens, load_golden, normalise_timing
 
 from blockcore import cliutil as cu
+from blockcore.cliutil import qobject
 
 
 # ---------------------------------------------------------------------------- sizes
@@ -223,7 +224,7 @@ def test_qdict_order_same_bucket_newest_first() -> None:
     seen: dict[int, str] = {}
     for i in range(5000):
         k = f"k{i}"
-        b = cu._tdb_hash(k) % cu.QDICT_BUCKET_MAX
+        b = qobject._tdb_hash(k) % qobject.QDICT_BUCKET_MAX
         if b in seen:
             assert cu.qdict_order([seen[b], k]) == [k, seen[b]]
             return
