@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any
 
 from .. import manage
@@ -13,11 +14,12 @@ from .common import (
     HELP,
     IMAGE_OPTS,
     OBJECT,
+    ImgArgs,
     describe_error,
     error_exit,
-    getopts,
     img_open,
     out,
+    parse_args,
 )
 
 __all__ = ["img_snapshot", "snapshot_list"]
@@ -29,26 +31,23 @@ def snapshot_list(bs: Any) -> list[dict[str, Any]]:
 
 
 def img_snapshot(argv: list[str]) -> int:
-    action = None
-    name: str | None = None
-    image_opts = force_share = False
-    opts, g = getopts(argv, ":la:c:d:hqU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
-    for c, arg in opts:
-        if c in "lacd":
-            if action:
+    def action(letter: str) -> Callable[[ImgArgs, str | None], None]:
+        def take(a: ImgArgs, arg: str | None) -> None:
+            if a.action:
                 raise error_exit("Cannot mix '-l', '-a', '-c', '-d'")
-            action, name = c, arg
-        elif c == "U":
-            force_share = True
-        elif c == "\x02image-opts":
-            image_opts = True
-    rest = g.argv[g.optind:]
-    if len(rest) != 1:
+            a.action, a.name = letter, arg
+
+        return take
+
+    a = parse_args(argv, ":la:c:d:hqU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE],
+                   {c: action(c) for c in "lacd"}, action=None, name=None)
+    if len(a.operands) != 1:
         raise error_exit("Expecting one image file name")
-    flags = OpenFlags.NONE if action == "l" else OpenFlags.RDWR
-    blk = img_open(rest[0], None, flags, image_opts=image_opts, force_share=force_share)
+    flags = OpenFlags.NONE if a.action == "l" else OpenFlags.RDWR
+    blk = img_open(a.operands[0], None, flags, image_opts=a.image_opts,
+                   force_share=a.force_share)
     try:
-        _snapshot(blk.bs, action, name or "")
+        _snapshot(blk.bs, a.action, a.name or "")
     finally:
         blk.close()
     return 0
