@@ -319,3 +319,24 @@ def test_progress_matches_qemu_img_convert() -> None:
     golden = next(s for s in load_golden(next(p for p in all_goldens() if p.stem == "img-convert")).steps
                   if s.command.startswith("qemu-img convert -p -O raw big.qcow2"))
     assert out.getvalue() == golden.stdout
+
+
+def test_run_tool_ends_every_way_with_one_line_and_a_status(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    cu.set_prog_name("qemu-img")
+    try:
+        def fail(exc: BaseException) -> int:
+            raise exc
+
+        assert cu.run_tool(lambda: fail(cu.CliError("bad thing", 2))) == 2
+        assert capsys.readouterr().err == "qemu-img: bad thing\n"
+        assert cu.run_tool(lambda: fail(RuntimeError("boom"))) == 1
+        assert capsys.readouterr().err == "qemu-img: RuntimeError: boom\n"
+        assert cu.run_tool(lambda: fail(KeyboardInterrupt()), newline_on_interrupt=True) == 130
+        assert capsys.readouterr().err == "\n"
+        assert cu.run_tool(lambda: fail(KeyboardInterrupt())) == 130
+        assert cu.run_tool(lambda: fail(BrokenPipeError())) == 1
+        assert cu.run_tool(lambda: 7) == 7
+        assert capsys.readouterr().err == ""
+    finally:
+        cu.set_prog_name(None)

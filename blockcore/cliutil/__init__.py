@@ -35,7 +35,15 @@ from .imagename import (
 from .numbers import c_strtol_prefix, cvtnum, qemu_strtol, qemu_strtosz
 from .progress import Progress, check_interrupted, install_sigint_handler
 from .qobject import dump_qobject_human, qdict_order, to_json_pretty
-from .report import CliError, error_report, prog_name, set_prog_name, strerror, warn_report
+from .report import (
+    CliError,
+    error_report,
+    prog_name,
+    run_tool,
+    set_prog_name,
+    strerror,
+    warn_report,
+)
 from .units import cvtstr, dump_buffer, io_report, size_to_str, timestr
 
 __all__ = [
@@ -62,6 +70,7 @@ __all__ = [
     "qdict_order",
     "qemu_strtol",
     "qemu_strtosz",
+    "run_tool",
     "set_prog_name",
     "size_to_str",
     "strerror",

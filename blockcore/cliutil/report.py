@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 _PROG: str | None = None
@@ -92,3 +93,35 @@ def strerror(err: int | None) -> str:
     if err in _STRERROR:
         return _STRERROR[err]
     return os.strerror(err)
+
+
+def run_tool(body: Callable[[], int], *, newline_on_interrupt: bool = False) -> int:
+    """Run a tool's body and end it the way both tools end: a :class:`CliError` is its one
+    line and status, Ctrl-C is status 130 (after a newline on stderr with
+    ``newline_on_interrupt``), a closed stdout 1, and any other exception one error line and
+    status 1 (its traceback only with ``BLOCKCORE_DEBUG`` set). stdout is flushed last."""
+    try:
+        status = body()
+    except CliError as exc:
+        if exc.message:
+            error_report(exc.message, exc.hint)
+        status = exc.status
+    except KeyboardInterrupt:
+        if newline_on_interrupt:
+            sys.stdout.flush()
+            sys.stderr.write("\n")
+        status = 130
+    except BrokenPipeError:
+        status = 1
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    except Exception as exc:
+        if os.environ.get("BLOCKCORE_DEBUG"):
+            raise
+        error_report(f"{type(exc).__name__}: {exc}")
+        status = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    return status

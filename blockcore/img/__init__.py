@@ -13,7 +13,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ..cliutil import CliError, GetoptLong, LongOpt, error_report, prog_name, set_prog_name
+from ..cliutil import (
+    GetoptLong,
+    LongOpt,
+    prog_name,
+    run_tool,
+    set_prog_name,
+)
 
 __all__ = ["main", "print_help"]
 
@@ -153,30 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_library_logs()
     install_sigint_handler()
-    try:
-        status = _main(args)
-    except CliError as exc:
-        if exc.message:
-            error_report(exc.message, exc.hint)
-        status = exc.status
-    except KeyboardInterrupt:
-        sys.stdout.flush()
-        sys.stderr.write("\n")
-        status = 130
-    except BrokenPipeError:
-        status = 1
-    except Exception as exc:
-        import os
-
-        if os.environ.get("BLOCKCORE_DEBUG"):
-            raise
-        error_report(f"{type(exc).__name__}: {exc}")
-        status = 1
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
-    return status
+    return run_tool(lambda: _main(args), newline_on_interrupt=True)
 
 
 def _main(argv: list[str]) -> int:

@@ -11,11 +11,10 @@ I/O commands, :mod:`.commands` the others, :mod:`.helptext` qemu-io's help texts
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
-from ..cliutil import GetoptLong, LongOpt, error_report, prog_name, set_prog_name
+from ..cliutil import GetoptLong, LongOpt, error_report, prog_name, run_tool, set_prog_name
 
 __all__ = ["main"]
 
@@ -73,24 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..img.common import quiet_library_logs
 
     quiet_library_logs()
-    try:
-        status = _main(args)
-    except KeyboardInterrupt:
-        status = 130
-    except BrokenPipeError:
-        status = 1
-    except SystemExit as exc:
-        status = int(exc.code or 0)
-    except Exception as exc:
-        if os.environ.get("BLOCKCORE_DEBUG"):
-            raise
-        error_report(f"{type(exc).__name__}: {exc}")
-        status = 1
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
-    return status
+    return run_tool(lambda: _main(args))
 
 
 def _main(argv: list[str]) -> int:
