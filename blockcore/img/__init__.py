@@ -14,7 +14,6 @@ import sys
 from collections.abc import Sequence
 
 from ..cliutil import (
-    GetoptLong,
     LongOpt,
     prog_name,
     run_tool,
@@ -163,20 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from .common import error_exit
+    from .common import error_exit, getopts
 
     if len(argv) < 2:
         raise error_exit("Not enough arguments")
-    g = GetoptLong(argv, "+:hVT:", [LongOpt("help", 0, "h"), LongOpt("version", 0, "V"),
-                                     LongOpt("trace", 1, "T")])  # fmt: skip
-    for c, _arg in g:
-        if c == ":":
-            raise error_exit(f"missing argument for option '{g.last_arg}'")
-        if c == "?":
-            raise error_exit(f"unrecognized option '{g.last_arg}'")
-        if c == "h":
-            print_help()
-            return 0
+    opts, g = getopts(argv, "+:hVT:", [LongOpt("help", 0, "h"), LongOpt("version", 0, "V"),
+                                        LongOpt("trace", 1, "T")])  # fmt: skip
+    for c, _arg in opts:  # getopts answers -h and bad options itself
         if c == "V":
             prog = prog_name("blockcore-img")
             sys.stdout.write(f"{prog} version {VERSION} (blockcore)\n"
