@@ -84,23 +84,26 @@ def cvtnum(text: str) -> int:
     return value
 
 
+#: a sign, then a C integer as base 0 reads it: 0x hex, 0 octal, else decimal
+_C_INTEGER = r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9]\d*)"
+
+
+def _base0_value(digits: str) -> int:
+    if digits[:2].lower() == "0x":
+        return int(digits[2:], 16)
+    if digits.startswith("0") and len(digits) > 1:
+        return int(digits, 8)
+    return int(digits)
+
+
 def qemu_strtol(text: str, base: int = 0, *, unsigned: bool = False) -> int:
     """``strtol``/``strtoul`` on the whole string (QEMU's ``qemu_strtol`` with ``end == NULL``)."""
     s = text.lstrip(" \t\n\r\f\v")
-    m = re.match(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9]\d*)$" if base == 0 else
-                 r"([+-]?)(\d+)$", s)
+    m = re.match(_C_INTEGER + "$" if base == 0 else r"([+-]?)(\d+)$", s)
     if not m or not s:
         raise ValueError(text)
     digits = m.group(2)
-    if base == 0:
-        if digits[:2].lower() == "0x":
-            value = int(digits[2:], 16)
-        elif digits.startswith("0") and len(digits) > 1:
-            value = int(digits, 8)
-        else:
-            value = int(digits)
-    else:
-        value = int(digits, base)
+    value = _base0_value(digits) if base == 0 else int(digits, base)
     if m.group(1) == "-":
         value = -value
         if unsigned:
@@ -115,16 +118,10 @@ def qemu_strtol(text: str, base: int = 0, *, unsigned: bool = False) -> int:
 
 def c_strtol_prefix(text: str) -> tuple[int, str]:
     """``strtol(text, &end, 0)``: the value and the unparsed rest (no error on garbage)."""
-    m = re.match(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9]\d*)", text)
+    m = re.match(r"\s*" + _C_INTEGER, text)
     if not m:
         return 0, text
-    digits = m.group(2)
-    if digits[:2].lower() == "0x":
-        value = int(digits[2:], 16)
-    elif digits.startswith("0") and len(digits) > 1:
-        value = int(digits, 8)
-    else:
-        value = int(digits)
+    value = _base0_value(m.group(2))
     if m.group(1) == "-":
         value = -value
     value = max(min(value, _INT64_MAX), -(_INT64_MAX + 1))

@@ -26,24 +26,17 @@ def qdict_order(keys: Iterable[str]) -> list[str]:
     return [k for _, k in indexed]
 
 
+#: characters QEMU's JSON writer escapes by name
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+            "\t": "\\t"}
+
+
 def _quoted(text: str) -> str:
     out = ['"']
     for ch in text:
         cp = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\b":
-            out.append("\\b")
-        elif ch == "\f":
-            out.append("\\f")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
         elif 0xD800 <= cp <= 0xDFFF:  # surrogateescape'd bytes: invalid UTF-8
             out.append("\\uFFFD")
         elif cp > 0xFFFF:
