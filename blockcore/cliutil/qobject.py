@@ -116,15 +116,9 @@ def dump_qobject_human(value: Any, indentation: int = 1) -> str:
     """``dump_qobject`` of block/qapi.c: the "Format specific information" block."""
     out: list[str] = []
 
-    def scalar(v: Any) -> str:
-        if v is True:
-            return "true"
-        if v is False:
-            return "false"
-        if v is None:
-            return "null"
-        if isinstance(v, float):
-            return "%.17g" % v
+    def scalar(v: Any) -> str:  # as in JSON, but strings (and anything else) unquoted
+        if v is None or isinstance(v, (bool, int, float)):
+            return _scalar(v)
         return str(v)
 
     def dump(v: Any, ind: int) -> None:
