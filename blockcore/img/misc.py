@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from ..cliutil import CliError, Progress, check_interrupted, error_report, strerror
+from ..cliutil import CliError, Progress, check_interrupted, error_report, has_help_option, strerror
 from ..types import OpenFlags
 from .common import (
     FORCE_SHARE,
@@ -19,6 +19,7 @@ from .common import (
     error_exit,
     getopts,
     img_open,
+    out,
     parse_args,
     parse_cache_mode,
 )
@@ -49,6 +50,8 @@ def img_amend(argv: list[str]) -> int:
                                                     a.force, a.image_opts)
     prog = Progress(a.progress, 1.0)
     try:
+        if fmt and has_help_option(options):  # -f names the format: no image needed
+            return _amend_help(fmt)
         if len(rest) != 1:
             raise CliError("Expecting one image file name")
         try:
@@ -59,6 +62,8 @@ def img_amend(argv: list[str]) -> int:
         try:
             bs = blk.bs
             fmt_name = bs.drv.name
+            if has_help_option(options):
+                return _amend_help(fmt_name)
             fn = getattr(bs.drv, "bdrv_amend_options", None)
             if fn is None:
                 raise CliError(f"Format driver '{fmt_name}' does not support option amendment")
@@ -86,6 +91,22 @@ def img_amend(argv: list[str]) -> int:
             blk.close()
     finally:
         prog.end()
+    return 0
+
+
+def _amend_help(fmt: str) -> int:
+    """``print_amend_option_help``: what ``-o`` may change in a ``fmt`` image."""
+    from ..drivers import bdrv_find_format
+    from ..errors import DriverNotFoundError
+    from .createopts import amend_option_help
+
+    try:
+        drv = bdrv_find_format(fmt)
+    except DriverNotFoundError:
+        raise CliError(f"Unknown file format '{fmt}'") from None
+    if getattr(drv, "bdrv_amend_options", None) is None:
+        raise CliError(f"Format driver '{fmt}' does not support option amendment")
+    out(amend_option_help(fmt, AMEND_OPTS.get(fmt, ())))
     return 0
 
 

@@ -459,6 +459,12 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-img dd if=b1.raw of=d3.raw bs=0"),
         (C, "qemu-img commit -p -b nonexist t.qcow2"),
         (C, "qemu-img commit -p b1.raw"),
+        # blockcore-qcow2 has no encryption, so its amend list leaves out the encrypt.* keys
+        (C, "qemu-img amend -o help -f qcow2 | grep -v encrypt"),
+        (C, "qemu-img amend -o help,lazy_refcounts=on t.qcow2 | grep -v encrypt"),
+        (C, "qemu-img amend -o help -f raw"),
+        (C, "qemu-img amend -o help b1.raw"),
+        (C, "qemu-img amend -o help -f bogus"),
     ],
     "img-bitmap": [
         q("qemu-img create -f qcow2 bm.qcow2 4M"),
