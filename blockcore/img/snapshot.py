@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .. import manage
-from ..cliutil import CliError, strerror
+from ..cliutil import CliError, error_report, parse_opts, strerror
 from ..types import OpenFlags
 from .common import (
     FORCE_SHARE,
@@ -22,7 +23,7 @@ from .common import (
     parse_args,
 )
 
-__all__ = ["img_snapshot", "snapshot_list"]
+__all__ = ["SnapshotRef", "img_snapshot", "load_snapshot_tmp", "snapshot_list"]
 
 def snapshot_list(bs: Any) -> list[dict[str, Any]]:
     from ..manage import bdrv_snapshot_list
@@ -102,3 +103,50 @@ def _snapshot(bs: Any, action: str | None, name: str) -> None:
         except OSError as exc:
             msg, hint = describe_error(exc)
             raise CliError(f"Could not delete snapshot '{name}': {msg}", hint=hint) from None
+
+
+# ---------------------------------------------------------------------------- -l of measure
+@dataclass(frozen=True)
+class SnapshotRef:
+    """``-l``: an internal snapshot by ``id`` and/or ``name`` (``snapshot.id=...,
+    snapshot.name=...``), or by either (a bare ``-l NAME``: ``id_or_name``)."""
+
+    id: str | None = None
+    name: str | None = None
+    id_or_name: str | None = None
+
+    @classmethod
+    def parse(cls, arg: str) -> SnapshotRef:
+        """qemu-img's ``-l`` argument, with its two error lines for an unknown key."""
+        if not arg.startswith("snapshot."):
+            return cls(id_or_name=arg)
+        try:
+            opts = parse_opts(arg, warn=True)
+        except ValueError:
+            opts = {"": ""}
+        for key in opts:
+            if key not in ("snapshot.id", "snapshot.name"):
+                error_report(f"Invalid parameter '{key}'")
+                raise CliError(f"Failed in parsing snapshot param '{arg}'")
+        return cls(id=opts.get("snapshot.id"), name=opts.get("snapshot.name"))
+
+    def matches(self, sn: dict[str, Any]) -> bool:
+        if self.id_or_name is not None:
+            return self.id_or_name in (sn.get("id"), sn.get("name"))
+        return ((self.id is None or sn.get("id") == self.id)
+                and (self.name is None or sn.get("name") == self.name))
+
+
+def load_snapshot_tmp(bs: Any, ref: SnapshotRef) -> None:
+    """``bdrv_snapshot_load_tmp``: show ``bs`` as it was in a snapshot, read-only.
+
+    No blockcore driver can do that yet, so this gives QEMU's errors ("Can't find snapshot",
+    and for a snapshot that exists the one QEMU gives for a format without the feature)."""
+    unsupported = CliError(
+        f"Failed to load snapshot: Block format '{bs.drv.name}' used by device '' does not "
+        "support temporarily loading internal snapshots")
+    if manage.bdrv_find_hook_node(bs, "bdrv_snapshot_list") is None:
+        raise unsupported
+    if not any(ref.matches(sn) for sn in manage.bdrv_snapshot_list(bs)):
+        raise CliError("Failed to load snapshot: Can't find snapshot")
+    raise unsupported

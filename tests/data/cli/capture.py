@@ -227,6 +227,15 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-img measure -f qcow2 --size 1G"),
         (C, "qemu-img measure --output=xml --size 1G"),
         (C, "qemu-img measure nonexist.qcow2"),
+        # -l: errors only (no blockcore driver loads a snapshot temporarily yet)
+        q("qemu-img snapshot -c snap a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l nope a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l snapshot.id=7 a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l snapshot.name=nope,snapshot.id=1 a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l snapshot.bogus=1 a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l snapshot.id a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -f raw -l snap base.raw"),
+        (C, "qemu-img measure -O qcow2 -l snap a.qcow2"),
     ],
     # ---------------------------------------------------------------- qemu-img compare
     "img-compare": OVERLAY + [
