@@ -550,6 +550,14 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-io -c 'reopen -o cache.direct=on,cache.no-flush=on' -c 'write -P 3 0 4k' "
             "-c 'reopen -o cache.direct=off' -c 'read -P 3 0 4k' -c 'reopen -o cache.direct=maybe' "
             "-c 'reopen -c none -o cache.no-flush=off' s.qcow2"),
+        # -C: copy-on-read copies what a read takes from the backing file into the overlay
+        q("qemu-img create -f raw cor.raw 1M"),
+        q("qemu-io -f raw -c 'write -P 1 0 64k' cor.raw"),
+        q("qemu-img create -f qcow2 -b cor.raw -F raw cor.qcow2"),
+        (C, "qemu-io -C -c 'read -P 1 4k 8k' -c 'map' cor.qcow2"),
+        (C, "qemu-img map --output=json cor.qcow2"),
+        (C, "qemu-io -r -C -c 'length' cor.qcow2"),
+        (C, "qemu-io -c 'open -r -C cor.qcow2' -c 'length'"),
     ],
     "io-raw": [
         q("qemu-img create -f raw r.raw 1M"),
