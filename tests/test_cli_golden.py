@@ -15,6 +15,7 @@ import shlex
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,57 +31,70 @@ from cli_golden import (
 )
 
 HAVE_QEMU = shutil.which("qemu-img") is not None and shutil.which("qemu-io") is not None
-pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="setup steps need qemu-img/qemu-io")
+needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="setup steps need qemu-img/qemu-io")
 
 GOLDENS = {p.stem: load_golden(p) for p in all_goldens()}
 
-#: Accepted differences: (golden, exact command) -> reason.
-KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
-    ("io-cmdline", "qemu-io -x s.qcow2"): "usage text ends with blockcore's line, not QEMU's bug links",
-    ("io-cmdline", "qemu-io --bogus s.qcow2"): "usage text ends with blockcore's line",
-    ("io-cmdline", "qemu-io -c length s.qcow2 r.raw"): "usage text ends with blockcore's line",
-    ("io-cmdline", "qemu-io -c"): "usage text ends with blockcore's line",
+@dataclass(frozen=True)
+class Difference:
+    """An expected mismatch at one step of a golden (keyed by golden name and step index, as
+    in the test ids). ``command`` repeats the step's command so the listing reads on its own;
+    :func:`test_differences_name_their_steps` checks it still matches. Strict: a step that
+    starts matching QEMU fails as XPASS until its entry is removed."""
+
+    command: str
+    reason: str
+    strict: bool = True
+
+
+#: Accepted differences in the tools themselves.
+KNOWN_DIFFERENCES: dict[tuple[str, int], Difference] = {
+    ("io-cmdline", 6): Difference(
+        "qemu-io -x s.qcow2", "usage text ends with blockcore's line, not QEMU's bug links"),
+    ("io-cmdline", 7): Difference(
+        "qemu-io --bogus s.qcow2", "usage text ends with blockcore's line"),
+    ("io-cmdline", 8): Difference(
+        "qemu-io -c length s.qcow2 r.raw", "usage text ends with blockcore's line"),
+    ("io-cmdline", 13): Difference("qemu-io -c", "usage text ends with blockcore's line"),
 }
 
-#: Differences that come from the drivers, not from the tools: (golden, exact command) ->
-#: reason. Marked xfail (not strict), so a driver fix shows up as XPASS.
-DRIVER_DIFFERENCES: dict[tuple[str, str], str] = {
-    ("img-snapshot", "qemu-img check a.qcow2"):
+#: Differences that come from the drivers, not from the tools.
+DRIVER_DIFFERENCES: dict[tuple[str, int], Difference] = {
+    ("img-snapshot", 16): Difference(
+        "qemu-img check a.qcow2",
         "blockcore-qcow2's snapshot create/apply/delete switch to a new L1, refcount and "
         "snapshot table with one header write instead of updating in place as QEMU does, so "
-        "the file (and the image end offset check reports) is laid out differently",
-    ("io-rw", "qemu-io -c 'write -z 0 4k' -c 'write -z -u 64k 64k' -c 'write -z -n 128k 512' "
-              "-c 'write -f 192k 4k' -c 'map' s.qcow2"):
+        "the file (and the image end offset check reports) is laid out differently"),
+    ("img-measure", 31): Difference(
+        "qemu-img measure -O qcow2 -l snap a.qcow2",
+        "no blockcore driver loads an internal snapshot temporarily (bdrv_snapshot_load_tmp), "
+        "so measure/convert -l of an existing snapshot fail"),
+    ("io-rw", 9): Difference(
+        "qemu-io -c 'write -z 0 4k' -c 'write -z -u 64k 64k' -c 'write -z -n 128k 512' "
+        "-c 'write -f 192k 4k' -c 'map' s.qcow2",
         "blockcore-qcow2: sub-cluster zero write with NO_FALLBACK is ENOTSUP (QEMU zeroes "
-        "the cluster when the rest reads as zero)",
-    ("io-rw", "qemu-io -c 'write 1M 1M' -c 'map' -c 'alloc 1M 2M' -c 'alloc 0 2M' s.qcow2"):
-        "follows from the zero write above",
-    ("io-rw", "qemu-io -c 'write -c 1M 64k' -c 'write -c 0 4k' -c 'write -c 1M 64k' "
-              "-c 'read -P 0xcd 1M 64k' s.qcow2"):
-        "blockcore-qcow2 compresses into allocated clusters (QEMU: EIO)",
-    ("io-blkdebug", "qemu-io -c 'break write_aio A' -c 'aio_write -P 0x11 0 4k' -c 'wait_break A' "
-                    "-c 'read -P 0 64k 4k' -c 'resume A' -c 'aio_flush' -c 'read -P 0x11 0 4k' "
-                    "blkdebug:empty.conf:bd.qcow2"):
+        "the cluster when the rest reads as zero)"),
+    ("io-rw", 10): Difference(
+        "qemu-io -c 'write -c 1M 64k' -c 'write -c 0 4k' -c 'write -c 1M 64k' "
+        "-c 'read -P 0xcd 1M 64k' s.qcow2",
+        "blockcore-qcow2 compresses into allocated clusters (QEMU: EIO)"),
+    ("io-rw", 16): Difference(
+        "qemu-io -c 'write 1M 1M' -c 'map' -c 'alloc 1M 2M' -c 'alloc 0 2M' s.qcow2",
+        "follows from the zero write at step 9"),
+    ("io-blkdebug", 0): Difference(
+        "qemu-io -c 'break write_aio A' -c 'aio_write -P 0x11 0 4k' -c 'wait_break A' "
+        "-c 'read -P 0 64k 4k' -c 'resume A' -c 'aio_flush' -c 'read -P 0x11 0 4k' "
+        "blkdebug:empty.conf:bd.qcow2",
         "a request suspended below qcow2 blocks every other request on the qcow2 node "
-        "(the read waits forever; QEMU's qcow2 drops its lock around data I/O)",
-    ("io-blkdebug", "qemu-io -c 'break write_aio B' -c 'aio_write -P 0x22 64k 4k' "
-                    "-c 'wait_break B' -c 'remove_break B' -c 'aio_flush' "
-                    "-c 'read -P 0x22 64k 4k' blkdebug:empty.conf:bd.qcow2"):
-        "blkdebug: QEMU 7.2 reports ENOENT from remove_break once the one-shot rule fired",
-    ("io-blkdebug", "qemu-img check bd.qcow2"):
-        "blockcore-qcow2 allocates the data cluster before the L2 table (fragmentation 50%)",
-    ("img-rebase-commit", "qemu-img map --output=json t.qcow2"):
-        "blockcore-img commit copies the top's zero clusters as data into the raw base "
-        "(QEMU's commit writes zeroes, which the file driver punches)",
+        "(the read waits forever; QEMU's qcow2 drops its lock around data I/O)"),
+    ("io-blkdebug", 6): Difference(
+        "qemu-img check bd.qcow2",
+        "blockcore-qcow2 allocates the data cluster before the L2 table (fragmentation 50%)"),
 }
 
-
-#: Steps that hang with blockcore (not run; their DRIVER_DIFFERENCES entry says why).
-HANGS = {
-    ("io-blkdebug", "qemu-io -c 'break write_aio A' -c 'aio_write -P 0x11 0 4k' -c 'wait_break A' "
-                    "-c 'read -P 0 64k 4k' -c 'resume A' -c 'aio_flush' -c 'read -P 0x11 0 4k' "
-                    "blkdebug:empty.conf:bd.qcow2"),
-}
+#: Steps that hang with blockcore (not run, so they fail; their DRIVER_DIFFERENCES entry says
+#: why).
+HANGS = {("io-blkdebug", 0)}
 
 
 def _driver_available(name: str) -> bool:
@@ -136,9 +150,9 @@ def _run(g: Golden, real: bool) -> list[tuple[str, str, int]]:
             bindir = Path(tmp) / "bin"
             bindir.mkdir()
             prefix = str(tool_dir(bindir))
-        hangs = {c for (name, c) in HANGS if name == g.name} if not real else set()
+        hangs = [g.steps[i] for (name, i) in HANGS if name == g.name and not real]
         replay(g, work, prefix, lambda _step, res: results.append(res),
-               skip=lambda step: step.command in hangs)
+               skip=lambda step: any(step is h for h in hangs))
     return results
 
 
@@ -168,6 +182,7 @@ def _id(case: tuple[str, int]) -> str:
     return f"{name}:{i}:{GOLDENS[name].steps[i].command[:60]}"
 
 
+@needs_qemu
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_blockcore_matches_qemu(case: tuple[str, int], request: pytest.FixtureRequest,
                                 blockcore_runs: dict[str, list[tuple[str, str, int]]]) -> None:
@@ -177,16 +192,15 @@ def test_blockcore_matches_qemu(case: tuple[str, int], request: pytest.FixtureRe
     missing = sorted(d for d in _needs(step, g) if not _driver_available(d))
     if missing:
         pytest.skip(f"driver(s) not loadable: {', '.join(missing)}")
-    if (name, step.command) in KNOWN_DIFFERENCES:
-        pytest.xfail(KNOWN_DIFFERENCES[(name, step.command)])
-    reason = DRIVER_DIFFERENCES.get((name, step.command))
-    if reason:
-        request.node.add_marker(pytest.mark.xfail(reason=reason, strict=False))
+    diff = KNOWN_DIFFERENCES.get(case) or DRIVER_DIFFERENCES.get(case)
+    if diff:
+        request.node.add_marker(pytest.mark.xfail(reason=diff.reason, strict=diff.strict))
     stdout, stderr, status = blockcore_runs[name][i]
     assert (_norm(stdout), _norm(stderr), status) == (
         _norm(step.stdout), _norm(step.stderr), step.status), step.command
 
 
+@needs_qemu
 @pytest.mark.qemu
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_corpus_still_describes_qemu(case: tuple[str, int],
@@ -196,3 +210,19 @@ def test_corpus_still_describes_qemu(case: tuple[str, int],
     stdout, stderr, status = qemu_runs[name][i]
     assert (_norm(stdout), _norm(stderr), status) == (
         _norm(step.stdout), _norm(step.stderr), step.status), step.command
+
+
+LISTED = [*KNOWN_DIFFERENCES.items(), *DRIVER_DIFFERENCES.items()]
+
+
+@pytest.mark.parametrize(("key", "diff"), LISTED, ids=[f"{n}:{i}" for (n, i), _ in LISTED])
+def test_differences_name_their_steps(key: tuple[str, int], diff: Difference) -> None:
+    """A re-captured golden that moves its steps must not silently move an xfail."""
+    name, i = key
+    steps = GOLDENS[name].steps
+    assert i < len(steps), f"{name} has {len(steps)} steps"
+    assert steps[i].command == diff.command
+
+
+def test_hangs_are_listed_differences() -> None:
+    assert HANGS <= DRIVER_DIFFERENCES.keys()

@@ -290,3 +290,30 @@ def test_missing_driver_names_its_package(run, tmp_path: Path) -> None:
     out, err, rc = run("info", "fake.vdi")
     assert rc == 0 and "file format: raw\n" in out
     assert "looks like a vdi image" in err and "blockcore-vdi" in err
+
+
+def test_commit_writes_the_tops_zero_clusters_as_zeroes(run, tmp_path: Path) -> None:
+    """QEMU's commit (a mirror job) zero-writes what the top holds as zeroes, so a raw base
+    gets a hole there instead of 64 KiB of zero data (img-rebase-commit golden)."""
+    if not _have("qcow2"):
+        pytest.skip("qcow2 driver not installed")
+    from blockcore import BlockBackend, OpenFlags
+
+    k64 = 64 * 1024
+    assert run("create", "-q", "-f", "raw", "b.raw", "1M")[2] == 0
+    with BlockBackend.open("b.raw", {"driver": "raw"}, OpenFlags.RDWR) as blk:
+        blk.pwrite(0, b"\1" * k64)
+        blk.pwrite(2 * k64, b"\3" * k64)
+    assert run("create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "t.qcow2")[2] == 0
+    with BlockBackend.open("t.qcow2", None, OpenFlags.RDWR) as blk:
+        blk.pwrite(k64, b"\2" * k64)
+        blk.pwrite_zeroes(2 * k64, k64)  # a zero cluster over the base's data
+    assert run("commit", "t.qcow2") == ("Image committed.\n", "", 0)
+
+    base = (tmp_path / "b.raw").read_bytes()
+    assert base[:3 * k64] == b"\1" * k64 + b"\2" * k64 + bytes(k64)
+    out, _, rc = run("map", "--output=json", "-f", "raw", "b.raw")
+    assert rc == 0
+    assert [(e["start"], e["length"], e["data"]) for e in json.loads(out)] == [
+        (0, 2 * k64, True), (2 * k64, (1 << 20) - 2 * k64, False)]
+    assert (tmp_path / "b.raw").stat().st_blocks * 512 <= 2 * k64  # punched, not zero-filled

@@ -156,6 +156,28 @@ def test_snapshot_mode_leaves_the_image(qio, tmp_path: Path) -> None:
     assert (tmp_path / "r.raw").read_bytes()[:512] == bytes(512)
 
 
+def test_reopen_cache_options_become_open_flags(qio, capsys: pytest.CaptureFixture[str]
+                                                ) -> None:
+    """``reopen -o cache.direct=...,cache.no-flush=...`` as QEMU's update_flags_from_options;
+    the command lines themselves are in the io-rw golden."""
+    from blockcore.qemu_io.commands import reopen_f
+    from blockcore.qemu_io.state import Session
+    from blockcore.types import OpenFlags
+
+    s = Session()
+    assert s.openfile("r.raw", OpenFlags.RDWR, True, False, {"driver": "raw"}) == 0
+    try:
+        assert reopen_f(s, ["reopen", "-o", "cache.direct=on,cache.no-flush=yes"]) == 0
+        assert s.blk.bs.open_flags & OpenFlags.CACHE_MASK == OpenFlags.CACHE_MASK
+        assert reopen_f(s, ["reopen", "-o", "cache.direct=off"]) == 0
+        assert s.blk.bs.open_flags & OpenFlags.CACHE_MASK == OpenFlags.NO_FLUSH
+        assert reopen_f(s, ["reopen", "-o", "cache.no-flush=maybe"]) < 0
+        assert s.blk.bs.open_flags & OpenFlags.CACHE_MASK == OpenFlags.NO_FLUSH
+    finally:
+        s.close()
+    assert capsys.readouterr().err == "qemu-io: Parameter 'cache.no-flush' expects 'on' or 'off'\n"
+
+
 def test_help_texts() -> None:
     assert set(HELP) <= set(COMMANDS)
     assert find_command("r") is COMMANDS["read"]

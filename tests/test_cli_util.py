@@ -9,6 +9,7 @@ import pytest
 from cli_golden import all_goldens, load_golden, normalise_timing
 
 from blockcore import cliutil as cu
+from blockcore.cliutil import qobject
 
 
 # ---------------------------------------------------------------------------- sizes
@@ -223,7 +224,7 @@ def test_qdict_order_same_bucket_newest_first() -> None:
     seen: dict[int, str] = {}
     for i in range(5000):
         k = f"k{i}"
-        b = cu._tdb_hash(k) % cu.QDICT_BUCKET_MAX
+        b = qobject._tdb_hash(k) % qobject.QDICT_BUCKET_MAX
         if b in seen:
             assert cu.qdict_order([seen[b], k]) == [k, seen[b]]
             return
@@ -318,3 +319,24 @@ def test_progress_matches_qemu_img_convert() -> None:
     golden = next(s for s in load_golden(next(p for p in all_goldens() if p.stem == "img-convert")).steps
                   if s.command.startswith("qemu-img convert -p -O raw big.qcow2"))
     assert out.getvalue() == golden.stdout
+
+
+def test_run_tool_ends_every_way_with_one_line_and_a_status(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    cu.set_prog_name("qemu-img")
+    try:
+        def fail(exc: BaseException) -> int:
+            raise exc
+
+        assert cu.run_tool(lambda: fail(cu.CliError("bad thing", 2))) == 2
+        assert capsys.readouterr().err == "qemu-img: bad thing\n"
+        assert cu.run_tool(lambda: fail(RuntimeError("boom"))) == 1
+        assert capsys.readouterr().err == "qemu-img: RuntimeError: boom\n"
+        assert cu.run_tool(lambda: fail(KeyboardInterrupt()), newline_on_interrupt=True) == 130
+        assert capsys.readouterr().err == "\n"
+        assert cu.run_tool(lambda: fail(KeyboardInterrupt())) == 130
+        assert cu.run_tool(lambda: fail(BrokenPipeError())) == 1
+        assert cu.run_tool(lambda: 7) == 7
+        assert capsys.readouterr().err == ""
+    finally:
+        cu.set_prog_name(None)

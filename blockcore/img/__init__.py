@@ -13,7 +13,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ..cliutil import CliError, GetoptLong, LongOpt, error_report, prog_name, set_prog_name
+from ..cliutil import (
+    LongOpt,
+    prog_name,
+    run_tool,
+    set_prog_name,
+)
 
 __all__ = ["main", "print_help"]
 
@@ -153,47 +158,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_library_logs()
     install_sigint_handler()
-    try:
-        status = _main(args)
-    except CliError as exc:
-        if exc.message:
-            error_report(exc.message, exc.hint)
-        status = exc.status
-    except KeyboardInterrupt:
-        sys.stdout.flush()
-        sys.stderr.write("\n")
-        status = 130
-    except BrokenPipeError:
-        status = 1
-    except Exception as exc:
-        import os
-
-        if os.environ.get("BLOCKCORE_DEBUG"):
-            raise
-        error_report(f"{type(exc).__name__}: {exc}")
-        status = 1
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
-    return status
+    return run_tool(lambda: _main(args), newline_on_interrupt=True)
 
 
 def _main(argv: list[str]) -> int:
-    from .common import error_exit
+    from .common import error_exit, getopts
 
     if len(argv) < 2:
         raise error_exit("Not enough arguments")
-    g = GetoptLong(argv, "+:hVT:", [LongOpt("help", 0, "h"), LongOpt("version", 0, "V"),
-                                     LongOpt("trace", 1, "T")])  # fmt: skip
-    for c, _arg in g:
-        if c == ":":
-            raise error_exit(f"missing argument for option '{g.last_arg}'")
-        if c == "?":
-            raise error_exit(f"unrecognized option '{g.last_arg}'")
-        if c == "h":
-            print_help()
-            return 0
+    opts, g = getopts(argv, "+:hVT:", [LongOpt("help", 0, "h"), LongOpt("version", 0, "V"),
+                                        LongOpt("trace", 1, "T")])  # fmt: skip
+    for c, _arg in opts:  # getopts answers -h and bad options itself
         if c == "V":
             prog = prog_name("blockcore-img")
             sys.stdout.write(f"{prog} version {VERSION} (blockcore)\n"

@@ -15,11 +15,12 @@ from .common import (
     IMAGE_OPTS,
     OBJECT,
     OUTPUT,
+    ImgArgs,
     LongOpt,
     error_exit,
-    getopts,
     img_open,
     out,
+    parse_args,
     parse_cache_mode,
     parse_output,
 )
@@ -54,41 +55,23 @@ def run_check(bs: Any, fix: BdrvCheckMode) -> tuple[BdrvCheckResult, BaseExcepti
 
 
 def img_check(argv: list[str]) -> int:
-    fmt: str | None = None
-    output: str | None = None
-    cache = "writeback"
-    fix = BdrvCheckMode.NONE
-    flags = OpenFlags.CHECK
-    quiet = image_opts = force_share = False
+    def repair(a: ImgArgs, arg: str | None) -> None:
+        modes = {"leaks": BdrvCheckMode.FIX_LEAKS,
+                 "all": BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS}
+        if arg not in modes:
+            raise error_exit(f"Unknown option value for -r (expecting 'leaks' or 'all'): {arg}")
+        a.fix, a.flags = modes[arg], a.flags | OpenFlags.RDWR
+
     longopts = [HELP, LongOpt("format", 1, "f"), LongOpt("repair", 1, "r"), OUTPUT, OBJECT,
                 IMAGE_OPTS, FORCE_SHARE]  # fmt: skip
-    opts, g = getopts(argv, ":hf:r:T:qU", longopts)
-    for c, arg in opts:
-        if c == "f":
-            fmt = arg
-        elif c == "r":
-            flags |= OpenFlags.RDWR
-            if arg == "leaks":
-                fix = BdrvCheckMode.FIX_LEAKS
-            elif arg == "all":
-                fix = BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS
-            else:
-                raise error_exit(f"Unknown option value for -r (expecting 'leaks' or 'all'): {arg}")
-        elif c == "\x02output":
-            output = arg
-        elif c == "T":
-            cache = arg or ""
-        elif c == "q":
-            quiet = True
-        elif c == "U":
-            force_share = True
-        elif c == "\x02image-opts":
-            image_opts = True
-    rest = g.argv[g.optind:]
-    if len(rest) != 1:
+    a = parse_args(argv, ":hf:r:T:qU", longopts, {"r": repair, "T": "cache"},
+                   cache="writeback", fix=BdrvCheckMode.NONE, flags=OpenFlags.CHECK)
+    if len(a.operands) != 1:
         raise error_exit("Expecting one image file name")
-    filename = rest[0]
-    output_format = parse_output(output)
+    filename = a.operands[0]
+    output_format = parse_output(a.output)
+    fmt, cache, fix, flags, quiet = a.fmt, a.cache, a.fix, a.flags, a.quiet
+    image_opts, force_share = a.image_opts, a.force_share
     try:
         cache_flags, _wt = parse_cache_mode(cache)
     except ValueError:

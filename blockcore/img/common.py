@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from ..cliutil import (
@@ -79,6 +80,60 @@ def getopts(argv: Sequence[str], optstring: str, longopts: Sequence[LongOpt] = (
             yield c, arg
 
     return gen(), g
+
+
+class ImgArgs(SimpleNamespace):
+    """The options of one qemu-img subcommand, by name, and its ``operands``.
+
+    The usual ones are always there: ``fmt`` (-f), ``quiet`` (-q), ``progress`` (-p; off with
+    -q), ``force_share`` (-U), ``image_opts``, ``output``, ``cache`` (-t) and ``src_cache``
+    (-T); a subcommand's own letters add theirs (see :func:`parse_args`).
+    """
+
+    fmt: str | None
+    quiet: bool
+    progress: bool
+    force_share: bool
+    image_opts: bool
+    output: str | None
+    cache: str | None
+    src_cache: str | None
+    operands: list[str]
+
+
+#: option -> ImgArgs attribute, for the letters most subcommands give the same meaning
+COMMON_OPTIONS: dict[str, str] = {
+    "f": "fmt", "q": "quiet", "p": "progress", "U": "force_share", "t": "cache",
+    "T": "src_cache", "\x02image-opts": "image_opts", "\x02output": "output",
+}  # fmt: skip
+
+
+def parse_args(argv: Sequence[str], optstring: str, longopts: Sequence[LongOpt] = (),
+               table: dict[str, str | Callable[[ImgArgs, str | None], None]] | None = None,
+               **defaults: Any) -> ImgArgs:
+    """qemu-img's getopt loop from a table: each option in ``optstring``/``longopts`` that
+    ``COMMON_OPTIONS`` or ``table`` names sets that attribute (True for a flag, else its
+    argument); a callable in ``table`` is called in the loop instead, so its errors come in
+    qemu-img's order. Options named nowhere (``--object``) are accepted and ignored.
+    ``defaults`` set attributes before the loop."""
+    names = {**COMMON_OPTIONS, **(table or {})}
+    args = ImgArgs(fmt=None, quiet=False, progress=False, force_share=False, image_opts=False,
+                   output=None, cache=None, src_cache=None, operands=[])
+    for name in names.values():
+        if isinstance(name, str) and not hasattr(args, name):
+            setattr(args, name, None)
+    vars(args).update(defaults)
+    opts, g = getopts(argv, optstring, longopts)
+    for c, arg in opts:
+        target = names.get(c)
+        if callable(target):
+            target(args, arg)
+        elif target:
+            setattr(args, target, True if arg is None else arg)
+    args.operands = g.argv[g.optind:]
+    if args.quiet:
+        args.progress = False
+    return args
 
 
 def parse_output(value: str | None) -> str:

@@ -14,9 +14,9 @@ from .common import (
     IMAGE_OPTS,
     OBJECT,
     error_exit,
-    getopts,
     img_open,
     out,
+    parse_args,
     parse_cache_mode,
 )
 
@@ -59,34 +59,15 @@ class _Stop(Exception):
 
 
 def img_compare(argv: list[str]) -> int:
-    fmt1 = fmt2 = None
-    cache = "writeback"
-    progress = quiet = strict = image_opts = force_share = False
-    opts, g = getopts(argv, ":hf:F:T:pqsU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
-    for c, arg in opts:
-        if c == "f":
-            fmt1 = arg
-        elif c == "F":
-            fmt2 = arg
-        elif c == "T":
-            cache = arg or ""
-        elif c == "p":
-            progress = True
-        elif c == "q":
-            quiet = True
-        elif c == "s":
-            strict = True
-        elif c == "U":
-            force_share = True
-        elif c == "\x02image-opts":
-            image_opts = True
-    if quiet:
-        progress = False
-    rest = g.argv[g.optind:]
-    if len(rest) != 2:
+    a = parse_args(argv, ":hf:F:T:pqsU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE],
+                   {"F": "fmt2", "T": "cache", "s": "strict"}, cache="writeback")
+    if len(a.operands) != 2:
         raise error_exit("Expecting two image file names")
-    filename1, filename2 = rest
-    prog = Progress(progress, 2.0)
+    filename1, filename2 = a.operands
+    fmt1, fmt2, cache, image_opts, force_share = (a.fmt, a.fmt2, a.cache, a.image_opts,
+                                                   a.force_share)
+    quiet, strict = a.quiet, bool(a.strict)
+    prog = Progress(a.progress, 2.0)
     try:
         try:
             flags, _wt = parse_cache_mode(cache)

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 from ..cliutil import CliError, is_valid_option_list
 from ..types import OpenFlags
-from .common import HELP, OBJECT, cvtnum, describe_error, error_exit, getopts, out
+from .common import (
+    HELP,
+    OBJECT,
+    ImgArgs,
+    cvtnum,
+    describe_error,
+    error_exit,
+    out,
+    parse_args,
+)
 from .createopts import CreateOpts, option_help
 from .info import full_backing_filename
 
-__all__ = ["accumulate_options", "img_create", "img_create_image"]
+__all__ = ["accumulate_options", "add_option", "img_create", "img_create_image"]
+
+
+def add_option(a: ImgArgs, arg: str | None) -> None:
+    """``-o``, as a :func:`parse_args` action: add to ``a.options``."""
+    a.options = accumulate_options(a.options, arg or "")
 
 
 def accumulate_options(options: str | None, arg: str) -> str:
@@ -19,28 +33,13 @@ def accumulate_options(options: str | None, arg: str) -> str:
 
 
 def img_create(argv: list[str]) -> int:
-    fmt = "raw"
-    base_fmt: str | None = None
-    base_filename: str | None = None
-    options: str | None = None
-    quiet = False
-    flags = OpenFlags.NONE
-    opts, g = getopts(argv, ":F:b:f:ho:qu", [HELP, OBJECT])
-    for c, arg in opts:
-        assert arg is not None or c in "qu\x02"
-        if c == "F":
-            base_fmt = arg
-        elif c == "b":
-            base_filename = arg
-        elif c == "f":
-            fmt = arg or ""
-        elif c == "o":
-            options = accumulate_options(options, arg or "")
-        elif c == "q":
-            quiet = True
-        elif c == "u":
-            flags |= OpenFlags.NO_BACKING
-    rest = g.argv[g.optind:]
+    a = parse_args(argv, ":F:b:f:ho:qu", [HELP, OBJECT],
+                   {"F": "base_fmt", "b": "base_filename", "o": add_option, "u": "no_backing"},
+                   fmt="raw", options=None, no_backing=False)
+    fmt, base_fmt, base_filename, options, quiet = (a.fmt, a.base_fmt, a.base_filename,
+                                                    a.options, a.quiet)
+    flags = OpenFlags.NO_BACKING if a.no_backing else OpenFlags.NONE
+    rest = a.operands
     filename = rest[0] if rest else None
     if options is not None:
         from ..cliutil import has_help_option

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 from ..cliutil import CliError, parse_opts, qemu_strtosz
 
-__all__ = ["CreateOpts", "option_help"]
+__all__ = ["CreateOpts", "amend_option_help", "option_help"]
 
 #: QEMU's declaration order of create options and the defaults it prints
 #: (``def_value_str``), per format; ``qemu_opts_print`` walks this list.
@@ -186,17 +187,29 @@ def _parse_value(desc: _Desc, value: str) -> Any:
     return value
 
 
+def _help_line(fmt: str, d: Any) -> str:
+    """One option as ``qemu_opts_print_help`` prints it."""
+    text = f"  {d.name}=<{_TYPE_NAMES.get(d.type, d.type)}>"
+    help_text = (QEMU_HELP_BY_FORMAT.get((fmt, d.name)) or QEMU_HELP.get(d.name)
+                 or FILE_HELP.get(d.name) or d.help)
+    return text.ljust(24) + f" - {help_text}" if help_text else text
+
+
+def amend_option_help(fmt: str, names: Collection[str]) -> str:
+    """``print_amend_option_help``: the creation options of ``fmt`` named in ``names`` (those
+    amend can change), sorted, in ``option_help``'s layout."""
+    opts = CreateOpts(fmt, with_protocol=False)
+    lines = [f"Amend options for '{fmt}':"]
+    lines += [_help_line(fmt, d) for d in sorted(opts.descs, key=lambda d: d.name)
+              if d.name in names]
+    return "\n".join(lines) + "\n"
+
+
 def option_help(fmt: str, filename: str | None) -> str:
     """``print_block_option_help``: the options, sorted, QEMU's column layout."""
     opts = CreateOpts(fmt, with_protocol=filename is not None)
     lines = ["Supported options:" if filename else f"Supported {fmt} options:"]
-    for d in sorted(opts.descs, key=lambda d: d.name):
-        text = f"  {d.name}=<{_TYPE_NAMES.get(d.type, d.type)}>"
-        help_text = (QEMU_HELP_BY_FORMAT.get((fmt, d.name)) or QEMU_HELP.get(d.name)
-                     or FILE_HELP.get(d.name) or d.help)
-        if help_text:
-            text = text.ljust(24) + f" - {help_text}"
-        lines.append(text)
+    lines += [_help_line(fmt, d) for d in sorted(opts.descs, key=lambda d: d.name)]
     text = "\n".join(lines) + "\n"
     if not filename:
         text += ("\nThe protocol level may support further options.\n"

@@ -14,9 +14,9 @@ from .common import (
     OUTPUT,
     LongOpt,
     error_exit,
-    getopts,
     img_open,
     out,
+    parse_args,
     parse_output,
 )
 from .output import image_info_json, image_info_list_human
@@ -131,31 +131,16 @@ def collect_image_info_list(filename: str, fmt: str | None, chain: bool, *,
 
 
 def img_info(argv: list[str]) -> int:
-    fmt: str | None = None
-    output: str | None = None
-    chain = image_opts = force_share = False
     longopts = [HELP, LongOpt("format", 1, "f"), OUTPUT,
                 LongOpt("backing-chain", 0, "\x02backing-chain"), OBJECT, IMAGE_OPTS,
                 FORCE_SHARE]  # fmt: skip
-    opts, g = getopts(argv, ":f:hU", longopts)
-    for c, arg in opts:
-        if c == "f":
-            fmt = arg
-        elif c == "U":
-            force_share = True
-        elif c == "\x02output":
-            output = arg
-        elif c == "\x02backing-chain":
-            chain = True
-        elif c == "\x02image-opts":
-            image_opts = True
-    rest = g.argv[g.optind:]
-    if len(rest) != 1:
+    a = parse_args(argv, ":f:hU", longopts, {"\x02backing-chain": "chain"}, chain=False)
+    if len(a.operands) != 1:
         raise error_exit("Expecting one image file name")
-    filename = rest[0]
-    output_format = parse_output(output)
-    infos = collect_image_info_list(filename, fmt, chain, image_opts=image_opts,
-                                    force_share=force_share)
+    filename, chain = a.operands[0], a.chain
+    output_format = parse_output(a.output)
+    infos = collect_image_info_list(filename, a.fmt, chain, image_opts=a.image_opts,
+                                    force_share=a.force_share)
     if output_format == "human":
         out(image_info_list_human(infos))
     else:

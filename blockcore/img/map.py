@@ -14,12 +14,13 @@ from .common import (
     IMAGE_OPTS,
     OBJECT,
     OUTPUT,
+    ImgArgs,
     LongOpt,
     cvtnum,
     error_exit,
-    getopts,
     img_open,
     out,
+    parse_args,
     parse_output,
 )
 from .output import map_entries_mergeable, map_entry_human, map_entry_json, map_header_human
@@ -63,35 +64,24 @@ def get_block_status(bs: Any, offset: int, length: int) -> dict[str, Any]:
 
 
 def img_map(argv: list[str]) -> int:
-    fmt: str | None = None
-    output: str | None = None
-    image_opts = force_share = False
-    start_offset = 0
-    max_length = -1
+    def start_offset(a: ImgArgs, arg: str | None) -> None:
+        a.start_offset = cvtnum("start offset", arg or "")
+
+    def max_length(a: ImgArgs, arg: str | None) -> None:
+        a.max_length = cvtnum("max length", arg or "")
+
     longopts = [HELP, LongOpt("format", 1, "f"), OUTPUT, OBJECT, IMAGE_OPTS, FORCE_SHARE,
                 LongOpt("start-offset", 1, "s"), LongOpt("max-length", 1, "l")]  # fmt: skip
-    opts, g = getopts(argv, ":f:s:l:hU", longopts)
-    for c, arg in opts:
-        if c == "f":
-            fmt = arg
-        elif c == "U":
-            force_share = True
-        elif c == "\x02output":
-            output = arg
-        elif c == "s":
-            start_offset = cvtnum("start offset", arg or "")
-        elif c == "l":
-            max_length = cvtnum("max length", arg or "")
-        elif c == "\x02image-opts":
-            image_opts = True
-    rest = g.argv[g.optind:]
-    if len(rest) != 1:
+    a = parse_args(argv, ":f:s:l:hU", longopts, {"s": start_offset, "l": max_length},
+                   start_offset=0, max_length=-1)
+    if len(a.operands) != 1:
         raise error_exit("Expecting one image file name")
-    filename = rest[0]
-    output_format = parse_output(output)
-    blk = img_open(filename, fmt, OpenFlags.NONE, image_opts=image_opts, force_share=force_share)
+    filename = a.operands[0]
+    output_format = parse_output(a.output)
+    blk = img_open(filename, a.fmt, OpenFlags.NONE, image_opts=a.image_opts,
+                   force_share=a.force_share)
     try:
-        return _map(blk, filename, output_format, start_offset, max_length)
+        return _map(blk, filename, output_format, a.start_offset, a.max_length)
     finally:
         blk.close()
 

@@ -21,6 +21,7 @@ from .common import (
 from .create import accumulate_options
 from .createopts import CreateOpts
 from .output import measure_human, measure_json
+from .snapshot import SnapshotRef, load_snapshot_tmp
 
 __all__ = ["img_measure", "measure"]
 
@@ -60,7 +61,7 @@ def img_measure(argv: list[str]) -> int:
     fmt: str | None = None
     out_fmt = "raw"
     options: str | None = None
-    snapshot: str | None = None
+    snapshot: SnapshotRef | None = None
     force_share = image_opts = False
     img_size: int | None = None
     output_format = "human"
@@ -77,7 +78,7 @@ def img_measure(argv: list[str]) -> int:
         elif c == "o":
             options = accumulate_options(options, arg or "")
         elif c == "l":
-            snapshot = arg
+            snapshot = SnapshotRef.parse(arg or "")
         elif c == "U":
             force_share = True
         elif c == "\x02image-opts":
@@ -106,8 +107,10 @@ def img_measure(argv: list[str]) -> int:
         in_blk = img_open(filename, fmt, OpenFlags.NONE, image_opts=image_opts,
                           force_share=force_share)
         if snapshot is not None:
-            in_blk.close()
-            raise CliError(f"Failed to load snapshot: snapshot '{snapshot}' not found")
+            try:
+                load_snapshot_tmp(in_blk.bs, snapshot)
+            finally:
+                in_blk.close()
     try:
         return _measure(out_fmt, options, img_size, in_blk, output_format)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from ..cliutil import CliError, Progress, check_interrupted, error_report, strerror
+from ..cliutil import CliError, Progress, check_interrupted, error_report, has_help_option, strerror
 from ..types import OpenFlags
 from .common import (
     FORCE_SHARE,
@@ -19,9 +19,11 @@ from .common import (
     error_exit,
     getopts,
     img_open,
+    out,
+    parse_args,
     parse_cache_mode,
 )
-from .create import accumulate_options
+from .create import add_option
 
 __all__ = ["img_amend", "img_bitmap", "img_dd"]
 
@@ -38,34 +40,18 @@ AMEND_OPTS = {
 }
 
 def img_amend(argv: list[str]) -> int:
-    fmt = None
-    cache = "writeback"
-    options: str | None = None
-    quiet = progress = image_opts = force = False
-    opts, g = getopts(argv, ":ho:f:t:pq", [HELP, OBJECT, IMAGE_OPTS,
-                                           LongOpt("force", 0, "\x02force")])
-    for c, arg in opts:
-        if c == "o":
-            options = accumulate_options(options, arg or "")
-        elif c == "f":
-            fmt = arg
-        elif c == "t":
-            cache = arg or ""
-        elif c == "p":
-            progress = True
-        elif c == "q":
-            quiet = True
-        elif c == "\x02image-opts":
-            image_opts = True
-        elif c == "\x02force":
-            force = True
-    if options is None:
+    a = parse_args(argv, ":ho:f:t:pq", [HELP, OBJECT, IMAGE_OPTS,
+                                        LongOpt("force", 0, "\x02force")],
+                   {"o": add_option, "\x02force": "force"},
+                   cache="writeback", options=None, force=False)
+    if a.options is None:
         raise error_exit("Must specify options (-o)")
-    rest = g.argv[g.optind:]
-    if quiet:
-        progress = False
-    prog = Progress(progress, 1.0)
+    rest, fmt, cache, options, force, image_opts = (a.operands, a.fmt, a.cache, a.options,
+                                                    a.force, a.image_opts)
+    prog = Progress(a.progress, 1.0)
     try:
+        if fmt and has_help_option(options):  # -f names the format: no image needed
+            return _amend_help(fmt)
         if len(rest) != 1:
             raise CliError("Expecting one image file name")
         try:
@@ -76,6 +62,8 @@ def img_amend(argv: list[str]) -> int:
         try:
             bs = blk.bs
             fmt_name = bs.drv.name
+            if has_help_option(options):
+                return _amend_help(fmt_name)
             fn = getattr(bs.drv, "bdrv_amend_options", None)
             if fn is None:
                 raise CliError(f"Format driver '{fmt_name}' does not support option amendment")
@@ -106,26 +94,32 @@ def img_amend(argv: list[str]) -> int:
     return 0
 
 
+def _amend_help(fmt: str) -> int:
+    """``print_amend_option_help``: what ``-o`` may change in a ``fmt`` image."""
+    from ..drivers import bdrv_find_format
+    from ..errors import DriverNotFoundError
+    from .createopts import amend_option_help
+
+    try:
+        drv = bdrv_find_format(fmt)
+    except DriverNotFoundError:
+        raise CliError(f"Unknown file format '{fmt}'") from None
+    if getattr(drv, "bdrv_amend_options", None) is None:
+        raise CliError(f"Format driver '{fmt}' does not support option amendment")
+    out(amend_option_help(fmt, AMEND_OPTS.get(fmt, ())))
+    return 0
+
+
 # ---------------------------------------------------------------------------- dd
 def img_dd(argv: list[str]) -> int:
-    fmt: str | None = None
-    out_fmt = "raw"
-    image_opts = force_share = False
-    opts, g = getopts(argv, ":hf:O:U", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
-    for c, arg in opts:
-        if c == "O":
-            out_fmt = arg or ""
-        elif c == "f":
-            fmt = arg
-        elif c == "U":
-            force_share = True
-        elif c == "\x02image-opts":
-            image_opts = True
+    a = parse_args(argv, ":hf:O:U", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE], {"O": "out_fmt"},
+                   out_fmt="raw")
+    fmt, out_fmt, image_opts, force_share = a.fmt, a.out_fmt, a.image_opts, a.force_share
     bsz = 512
     count: int | None = None
     skip: int | None = None
     in_name = out_name = None
-    for arg in g.argv[g.optind:]:
+    for arg in a.operands:
         key, eq, value = arg.partition("=")
         if not eq or key not in ("bs", "count", "if", "of", "skip"):
             raise CliError(f"unrecognized operand {key if eq else arg}")

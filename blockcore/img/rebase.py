@@ -12,11 +12,12 @@ from .common import (
     HELP,
     IMAGE_OPTS,
     OBJECT,
+    ImgArgs,
     cvtnum,
     error_exit,
-    getopts,
     img_open,
     out,
+    parse_args,
     parse_cache_mode,
 )
 from .info import full_backing_filename
@@ -45,40 +46,17 @@ def change_backing_file(bs: Any, backing_file: str, backing_fmt: str) -> None:
 
 # ---------------------------------------------------------------------------- rebase
 def img_rebase(argv: list[str]) -> int:
-    fmt = out_basefmt = out_baseimg = None
-    cache = src_cache = "writeback"
-    unsafe = progress = quiet = image_opts = force_share = False
-    opts, g = getopts(argv, ":hf:F:b:upt:T:qU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
-    for c, arg in opts:
-        if c == "f":
-            fmt = arg
-        elif c == "F":
-            out_basefmt = arg
-        elif c == "b":
-            out_baseimg = arg
-        elif c == "u":
-            unsafe = True
-        elif c == "p":
-            progress = True
-        elif c == "t":
-            cache = arg or ""
-        elif c == "T":
-            src_cache = arg or ""
-        elif c == "q":
-            quiet = True
-        elif c == "U":
-            force_share = True
-        elif c == "\x02image-opts":
-            image_opts = True
-    if quiet:
-        progress = False
-    rest = g.argv[g.optind:]
-    if len(rest) != 1:
+    a = parse_args(argv, ":hf:F:b:upt:T:qU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE],
+                   {"F": "backing_fmt", "b": "backing", "u": "unsafe"},
+                   cache="writeback", src_cache="writeback", unsafe=False)
+    if len(a.operands) != 1:
         raise error_exit("Expecting one image file name")
-    if not unsafe and out_baseimg is None:
+    if not a.unsafe and a.backing is None:
         raise error_exit("Must specify backing file (-b) or use unsafe mode (-u)")
-    filename = rest[0]
-    prog = Progress(progress, 2.0)
+    filename = a.operands[0]
+    fmt, out_basefmt, out_baseimg, unsafe = a.fmt, a.backing_fmt, a.backing, a.unsafe
+    cache, src_cache, image_opts, force_share = a.cache, a.src_cache, a.image_opts, a.force_share
+    prog = Progress(a.progress, 2.0)
     prog.print(0, 100)
     try:
         try:
@@ -208,34 +186,20 @@ def _rebase(blk: Any, filename: str, out_baseimg: str | None, out_basefmt: str |
 
 # ---------------------------------------------------------------------------- commit
 def img_commit(argv: list[str]) -> int:
-    fmt = base = None
-    cache = "writeback"
-    progress = quiet = drop = image_opts = False
-    opts, g = getopts(argv, ":f:ht:b:dpqr:", [HELP, OBJECT, IMAGE_OPTS])
-    for c, arg in opts:
-        if c == "f":
-            fmt = arg
-        elif c == "t":
-            cache = arg or ""
-        elif c == "b":
-            base = arg
-            drop = True
-        elif c == "d":
-            drop = True
-        elif c == "p":
-            progress = True
-        elif c == "q":
-            quiet = True
-        elif c == "r":
-            cvtnum("rate limit", arg or "")
-        elif c == "\x02image-opts":
-            image_opts = True
-    if quiet:
-        progress = False
-    rest = g.argv[g.optind:]
-    if len(rest) != 1:
+    def base_image(a: ImgArgs, arg: str | None) -> None:
+        a.base, a.drop = arg, True  # -b implies -d
+
+    def rate_limit(_a: ImgArgs, arg: str | None) -> None:
+        cvtnum("rate limit", arg or "")  # checked, then unused: commit runs unthrottled
+
+    a = parse_args(argv, ":f:ht:b:dpqr:", [HELP, OBJECT, IMAGE_OPTS],
+                   {"b": base_image, "d": "drop", "r": rate_limit},
+                   cache="writeback", base=None, drop=False)
+    if len(a.operands) != 1:
         raise error_exit("Expecting one image file name")
-    filename = rest[0]
+    filename = a.operands[0]
+    fmt, base, cache, drop, quiet, progress = a.fmt, a.base, a.cache, a.drop, a.quiet, a.progress
+    image_opts = a.image_opts
     try:
         flags, _ = parse_cache_mode(cache)
     except ValueError:
@@ -244,11 +208,11 @@ def img_commit(argv: list[str]) -> int:
                    image_opts=image_opts)
     prog = Progress(progress, 1.0)
     prog.print(0, 100)
-    try:
-        layers, base_ref = _commit_plan(blk.bs, filename, base)
-    finally:
-        blk.close()
-    try:
+    try:  # the progress line ends before any error, as qemu-img's 'done:' path
+        try:
+            layers, base_ref = _commit_plan(blk.bs, filename, base)
+        finally:
+            blk.close()
         _commit(layers, base_ref, flags, drop, prog)
     finally:
         prog.end()
@@ -288,11 +252,16 @@ def _commit_plan(bs: Any, filename: str, base: str | None
 def _commit(layers: list[tuple[str, str]], base: tuple[str, str], cache_flags: OpenFlags,
             drop: bool, prog: Progress) -> None:
     """Copy what each layer above ``base`` holds into it, deepest layer first (a commit job
-    without a job: blockcore has no reopen, so each image is opened on its own)."""
-    from ..io import bdrv_getlength
-    from ..status import bdrv_is_allocated
+    without a job: blockcore has no reopen, so each image is opened on its own).
 
-    base_blk = img_open(base[0], base[1], cache_flags | OpenFlags.RDWR | OpenFlags.RESIZE)
+    Like QEMU's commit (a mirror job), a range a layer holds as zeroes is written to the base
+    as a zero write that may unmap, not as data, so a raw base gets holes there."""
+    from ..io import bdrv_getlength
+    from ..status import bdrv_block_status
+    from ..types import BdrvRequestFlags, BlockStatusFlags
+
+    base_blk = img_open(base[0], base[1],
+                        cache_flags | OpenFlags.RDWR | OpenFlags.RESIZE | OpenFlags.UNMAP)
     try:
         sizes = []
         tops = []
@@ -309,11 +278,16 @@ def _commit(layers: list[tuple[str, str]], base: tuple[str, str], cache_flags: O
                 while offset < size:
                     check_interrupted()
                     n = min(IO_BUF_SIZE, size - offset)
-                    allocated, n = bdrv_is_allocated(top.bs, offset, n)
+                    status = bdrv_block_status(top.bs, offset, n)
+                    n = status.pnum
                     if not n:
                         break
-                    if allocated:
-                        base_blk.pwrite(offset, top.pread(offset, n))
+                    if status.ret & BlockStatusFlags.ALLOCATED:
+                        if status.ret & (BlockStatusFlags.ZERO | BlockStatusFlags.DATA) == (
+                                BlockStatusFlags.ZERO):
+                            base_blk.pwrite_zeroes(offset, n, BdrvRequestFlags.MAY_UNMAP)
+                        else:
+                            base_blk.pwrite(offset, top.pread(offset, n))
                     offset += n
                     done += n
                     prog.print(100.0 * done / total, 0)

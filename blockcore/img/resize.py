@@ -8,12 +8,13 @@ from .common import (
     HELP,
     IMAGE_OPTS,
     OBJECT,
+    ImgArgs,
     LongOpt,
     describe_error,
     error_exit,
-    getopts,
     img_open,
     out,
+    parse_args,
 )
 
 __all__ = ["img_resize"]
@@ -25,30 +26,21 @@ def img_resize(argv: list[str]) -> int:
         raise error_exit("Not enough arguments")
     size = argv[-1]
     argv = argv[:-1]
-    fmt: str | None = None
-    quiet = image_opts = shrink = False
-    prealloc = PreallocMode.OFF
+    def preallocation(a: ImgArgs, arg: str | None) -> None:
+        try:
+            a.prealloc = PreallocMode(arg)
+        except ValueError:
+            raise CliError(f"Invalid preallocation mode '{arg}'") from None
+
     longopts = [HELP, OBJECT, IMAGE_OPTS, LongOpt("preallocation", 1, "\x02preallocation"),
                 LongOpt("shrink", 0, "\x02shrink")]  # fmt: skip
-    opts, g = getopts(argv, ":f:hq", longopts)
-    for c, arg in opts:
-        if c == "f":
-            fmt = arg
-        elif c == "q":
-            quiet = True
-        elif c == "\x02image-opts":
-            image_opts = True
-        elif c == "\x02preallocation":
-            try:
-                prealloc = PreallocMode(arg)
-            except ValueError:
-                raise CliError(f"Invalid preallocation mode '{arg}'") from None
-        elif c == "\x02shrink":
-            shrink = True
-    rest = g.argv[g.optind:]
-    if len(rest) != 1:
+    a = parse_args(argv, ":f:hq", longopts,
+                   {"\x02preallocation": preallocation, "\x02shrink": "shrink"},
+                   prealloc=PreallocMode.OFF, shrink=False)
+    if len(a.operands) != 1:
         raise error_exit("Expecting image file name and size")
-    filename = rest[0]
+    filename = a.operands[0]
+    fmt, quiet, image_opts, shrink, prealloc = a.fmt, a.quiet, a.image_opts, a.shrink, a.prealloc
     relative = 0
     if size[:1] == "+":
         relative, size = 1, size[1:]

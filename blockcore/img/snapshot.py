@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .. import manage
-from ..cliutil import CliError, strerror
+from ..cliutil import CliError, error_report, parse_opts, strerror
 from ..types import OpenFlags
 from .common import (
     FORCE_SHARE,
     HELP,
     IMAGE_OPTS,
     OBJECT,
+    ImgArgs,
     describe_error,
     error_exit,
-    getopts,
     img_open,
     out,
+    parse_args,
 )
 
-__all__ = ["img_snapshot", "snapshot_list"]
+__all__ = ["SnapshotRef", "img_snapshot", "load_snapshot_tmp", "snapshot_list"]
 
 def snapshot_list(bs: Any) -> list[dict[str, Any]]:
     from ..manage import bdrv_snapshot_list
@@ -29,26 +32,23 @@ def snapshot_list(bs: Any) -> list[dict[str, Any]]:
 
 
 def img_snapshot(argv: list[str]) -> int:
-    action = None
-    name: str | None = None
-    image_opts = force_share = False
-    opts, g = getopts(argv, ":la:c:d:hqU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
-    for c, arg in opts:
-        if c in "lacd":
-            if action:
+    def action(letter: str) -> Callable[[ImgArgs, str | None], None]:
+        def take(a: ImgArgs, arg: str | None) -> None:
+            if a.action:
                 raise error_exit("Cannot mix '-l', '-a', '-c', '-d'")
-            action, name = c, arg
-        elif c == "U":
-            force_share = True
-        elif c == "\x02image-opts":
-            image_opts = True
-    rest = g.argv[g.optind:]
-    if len(rest) != 1:
+            a.action, a.name = letter, arg
+
+        return take
+
+    a = parse_args(argv, ":la:c:d:hqU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE],
+                   {c: action(c) for c in "lacd"}, action=None, name=None)
+    if len(a.operands) != 1:
         raise error_exit("Expecting one image file name")
-    flags = OpenFlags.NONE if action == "l" else OpenFlags.RDWR
-    blk = img_open(rest[0], None, flags, image_opts=image_opts, force_share=force_share)
+    flags = OpenFlags.NONE if a.action == "l" else OpenFlags.RDWR
+    blk = img_open(a.operands[0], None, flags, image_opts=a.image_opts,
+                   force_share=a.force_share)
     try:
-        _snapshot(blk.bs, action, name or "")
+        _snapshot(blk.bs, a.action, a.name or "")
     finally:
         blk.close()
     return 0
@@ -103,3 +103,50 @@ def _snapshot(bs: Any, action: str | None, name: str) -> None:
         except OSError as exc:
             msg, hint = describe_error(exc)
             raise CliError(f"Could not delete snapshot '{name}': {msg}", hint=hint) from None
+
+
+# ---------------------------------------------------------------------------- -l of measure
+@dataclass(frozen=True)
+class SnapshotRef:
+    """``-l``: an internal snapshot by ``id`` and/or ``name`` (``snapshot.id=...,
+    snapshot.name=...``), or by either (a bare ``-l NAME``: ``id_or_name``)."""
+
+    id: str | None = None
+    name: str | None = None
+    id_or_name: str | None = None
+
+    @classmethod
+    def parse(cls, arg: str) -> SnapshotRef:
+        """qemu-img's ``-l`` argument, with its two error lines for an unknown key."""
+        if not arg.startswith("snapshot."):
+            return cls(id_or_name=arg)
+        try:
+            opts = parse_opts(arg, warn=True)
+        except ValueError:
+            opts = {"": ""}
+        for key in opts:
+            if key not in ("snapshot.id", "snapshot.name"):
+                error_report(f"Invalid parameter '{key}'")
+                raise CliError(f"Failed in parsing snapshot param '{arg}'")
+        return cls(id=opts.get("snapshot.id"), name=opts.get("snapshot.name"))
+
+    def matches(self, sn: dict[str, Any]) -> bool:
+        if self.id_or_name is not None:
+            return self.id_or_name in (sn.get("id"), sn.get("name"))
+        return ((self.id is None or sn.get("id") == self.id)
+                and (self.name is None or sn.get("name") == self.name))
+
+
+def load_snapshot_tmp(bs: Any, ref: SnapshotRef) -> None:
+    """``bdrv_snapshot_load_tmp``: show ``bs`` as it was in a snapshot, read-only.
+
+    No blockcore driver can do that yet, so this gives QEMU's errors ("Can't find snapshot",
+    and for a snapshot that exists the one QEMU gives for a format without the feature)."""
+    unsupported = CliError(
+        f"Failed to load snapshot: Block format '{bs.drv.name}' used by device '' does not "
+        "support temporarily loading internal snapshots")
+    if manage.bdrv_find_hook_node(bs, "bdrv_snapshot_list") is None:
+        raise unsupported
+    if not any(ref.matches(sn) for sn in manage.bdrv_snapshot_list(bs)):
+        raise CliError("Failed to load snapshot: Can't find snapshot")
+    raise unsupported

@@ -11,12 +11,10 @@ I/O commands, :mod:`.commands` the others, :mod:`.helptext` qemu-io's help texts
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
-from ..cliutil import GetoptLong, LongOpt, error_report, prog_name, set_prog_name
-from ..types import OpenFlags
+from ..cliutil import GetoptLong, LongOpt, error_report, prog_name, run_tool, set_prog_name
 
 __all__ = ["main"]
 
@@ -74,76 +72,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..img.common import quiet_library_logs
 
     quiet_library_logs()
-    try:
-        status = _main(args)
-    except KeyboardInterrupt:
-        status = 130
-    except BrokenPipeError:
-        status = 1
-    except SystemExit as exc:
-        status = int(exc.code or 0)
-    except Exception as exc:
-        if os.environ.get("BLOCKCORE_DEBUG"):
-            raise
-        error_report(f"{type(exc).__name__}: {exc}")
-        status = 1
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
-    return status
+    return run_tool(lambda: _main(args))
 
 
 def _main(argv: list[str]) -> int:
     from . import commands  # noqa: F401 - registers the commands
-    from .commands import parse_aio_flag, parse_cache, parse_discard
+    from .commands import OpenOptions
     from .state import Session, image_opts_dict
 
     name = prog_name("blockcore-io")
     argv = [name] + argv[1:]
-    flags = OpenFlags.UNMAP
-    writethrough = True
-    readonly = force_share = False
+    how = OpenOptions()
     fmt: str | None = None
     cmdline: list[str] = []
     s = Session()
     g = GetoptLong(argv, "hVc:d:f:rsnCmki:t:T:U", LONGOPTS)
     for c, arg in g:
-        if c == "s":
-            flags |= OpenFlags.SNAPSHOT
-        elif c == "n":
-            flags |= OpenFlags.NOCACHE
-            writethrough = False
-        elif c == "C":
-            flags |= OpenFlags.COPY_ON_READ
-        elif c == "d":
-            new = parse_discard(arg or "", flags)
-            if new is None:
-                error_report(f"Invalid discard option: {arg}")
-                return 1
-            flags = new
-        elif c == "f":
+        taken = how.take(c, arg)
+        if taken is False:
+            return 1
+        if taken:
+            continue
+        if c == "f":
             fmt = arg
         elif c == "c":
             cmdline.append(arg or "")
-        elif c == "r":
-            readonly = True
         elif c == "m":
             s.misalign = True
-        elif c == "k":
-            flags |= OpenFlags.NATIVE_AIO
-        elif c == "i":
-            new = parse_aio_flag(arg or "", flags)
-            if new is None:
-                error_report(f"Invalid aio option: {arg}")
-                return 1
-            flags = new
-        elif c == "t":
-            parsed = parse_cache(arg or "", flags)
-            if parsed is None:
-                error_report(f"Invalid cache option: {arg}")
-                return 1
-            flags, writethrough = parsed
         elif c == "T":
             pass
         elif c == "V":
@@ -153,8 +108,6 @@ def _main(argv: list[str]) -> int:
         elif c == "h":
             usage(name)
             return 0
-        elif c == "U":
-            force_share = True
         elif c == "\x02object":
             pass
         elif c == "\x02image-opts":
@@ -169,8 +122,7 @@ def _main(argv: list[str]) -> int:
     if fmt and s.image_opts:
         error_report("--image-opts and -f are mutually exclusive")
         return 1
-    if not readonly:
-        flags |= OpenFlags.RDWR
+    flags, writethrough, force_share = how.open_flags, how.writethrough, how.force_share
     if rest:
         if s.image_opts:
             opts = image_opts_dict(rest[0])

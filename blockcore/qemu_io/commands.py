@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from ..cliutil import cvtstr, dump_qobject_human, error_report, strerror
@@ -206,43 +207,61 @@ def parse_aio_flag(mode: str, flags: OpenFlags) -> OpenFlags | None:
         return None
 
 
+@dataclass
+class OpenOptions:
+    """How to open the image: what qemu-io's command line and its ``open`` command share
+    (``-s -n -C -r -k -t -d -i -U``)."""
+
+    flags: OpenFlags = OpenFlags.UNMAP
+    writethrough: bool = True
+    readonly: bool = False
+    force_share: bool = False
+
+    def take(self, c: str, arg: str | None) -> bool | None:
+        """Apply option ``c``: True if done, False if its value is invalid (the error line
+        is printed), None if ``c`` is not one of these options."""
+        simple = {"s": OpenFlags.SNAPSHOT, "n": OpenFlags.NOCACHE,
+                  "C": OpenFlags.COPY_ON_READ, "k": OpenFlags.NATIVE_AIO}
+        if c in simple:
+            self.flags |= simple[c]
+            self.writethrough = self.writethrough and c != "n"
+        elif c == "r":
+            self.readonly = True
+        elif c == "U":
+            self.force_share = True
+        elif c == "t":
+            parsed = parse_cache(arg or "", self.flags)
+            if parsed is None:
+                error_report(f"Invalid cache option: {arg}")
+                return False
+            self.flags, self.writethrough = parsed
+        elif c in "di":
+            parse, what = (parse_discard, "discard") if c == "d" else (parse_aio_flag, "aio")
+            new = parse(arg or "", self.flags)
+            if new is None:
+                error_report(f"Invalid {what} option: {arg}")
+                return False
+            self.flags = new
+        else:
+            return None
+        return True
+
+    @property
+    def open_flags(self) -> OpenFlags:
+        return self.flags if self.readonly else self.flags | OpenFlags.RDWR
+
+
 def open_f(s: Session, argv: list[str]) -> int:
-    flags = OpenFlags.UNMAP
-    readonly = force_share = False
-    writethrough = True
+    how = OpenOptions()
     opts: dict[str, Any] = {}
     g = s.getopt(argv, "snCro:ki:t:d:U")
     for c, arg in g:
-        if c == "s":
-            flags |= OpenFlags.SNAPSHOT
-        elif c == "n":
-            flags |= OpenFlags.NOCACHE
-            writethrough = False
-        elif c == "C":
-            flags |= OpenFlags.COPY_ON_READ
-        elif c == "r":
-            readonly = True
-        elif c == "k":
-            flags |= OpenFlags.NATIVE_AIO
-        elif c == "t":
-            parsed = parse_cache(arg or "", flags)
-            if parsed is None:
-                error_report(f"Invalid cache option: {arg}")
-                return -errno.EINVAL
-            flags, writethrough = parsed
-        elif c == "d":
-            new = parse_discard(arg or "", flags)
-            if new is None:
-                error_report(f"Invalid discard option: {arg}")
-                return -errno.EINVAL
-            flags = new
-        elif c == "i":
-            new = parse_aio_flag(arg or "", flags)
-            if new is None:
-                error_report(f"Invalid aio option: {arg}")
-                return -errno.EINVAL
-            flags = new
-        elif c == "o":
+        taken = how.take(c, arg)
+        if taken is False:
+            return -errno.EINVAL
+        if taken:
+            continue
+        if c == "o":
             if s.image_opts:
                 out("--image-opts and 'open -o' are mutually exclusive\n")
                 return -errno.EINVAL
@@ -250,12 +269,9 @@ def open_f(s: Session, argv: list[str]) -> int:
             if parsed_opts is None:
                 return -errno.EINVAL
             opts.update(parsed_opts)
-        elif c == "U":
-            force_share = True
         else:
             return usage(OPEN)
-    if not readonly:
-        flags |= OpenFlags.RDWR
+    flags, writethrough, force_share = how.open_flags, how.writethrough, how.force_share
     rest = g.argv[g.optind:]
     if s.image_opts and len(rest) == 1:
         parsed_opts = image_opts_dict(rest[0])
@@ -279,6 +295,19 @@ def close_f(s: Session, argv: list[str]) -> int:
 
 _REOPEN_GENERIC = {"read-only", "auto-read-only", "cache.direct", "cache.no-flush",
                    "discard", "detect-zeroes", "force-share"}  # fmt: skip
+
+
+#: Generic options that reopen turns into open flags before any driver sees them.
+_REOPEN_CACHE_FLAGS = {"cache.direct": OpenFlags.NOCACHE, "cache.no-flush": OpenFlags.NO_FLUSH}
+
+
+def _qemu_bool(value: str) -> bool | None:
+    """QAPI's bool parsing: on/yes/true/y and off/no/false/n; None for anything else."""
+    if value in ("on", "yes", "true", "y"):
+        return True
+    if value in ("off", "no", "false", "n"):
+        return False
+    return None
 
 
 def reopen_f(s: Session, argv: list[str]) -> int:
@@ -321,6 +350,13 @@ def reopen_f(s: Session, argv: list[str]) -> int:
     if has_cache and ({"cache.direct", "cache.no-flush"} & set(new_opts)):
         error_report("Cannot set both -c and the cache options")
         return -errno.EINVAL
+    for key, flag in _REOPEN_CACHE_FLAGS.items():  # QEMU's update_flags_from_options
+        if key in new_opts:
+            value = _qemu_bool(new_opts.pop(key))
+            if value is None:
+                error_report(f"Parameter '{key}' expects 'on' or 'off'")
+                return -errno.EINVAL
+            flags = flags | flag if value else flags & ~flag
     drv = s.blk.bs.drv
     known = {o.name for o in drv.descriptor.runtime_opts} if drv is not None else set()
     for key in new_opts:
@@ -438,6 +474,7 @@ def break_f(s: Session, argv: list[str]) -> int:
 
 def remove_break_f(s: Session, argv: list[str]) -> int:
     ret = _debug(s, "bdrv_debug_remove_breakpoint", argv[1])
+    s.poll_once()  # a resumed request says so before any error, as in QEMU
     if ret < 0:
         out(f"Could not remove breakpoint {argv[1]}: {strerror(-ret)}\n")
     return ret

@@ -84,8 +84,9 @@ class Session:
         self.loop.run_until_complete(asyncio.sleep(0))
 
     def poll_until(self, cond: Callable[[], bool]) -> None:
-        """Run the loop until ``cond()`` holds; ``cond`` runs between loop turns, outside any
-        coroutine, so it may be a global-state function (``bdrv_debug_is_suspended``)."""
+        """Run the loop until ``cond()`` holds (``while (!cond) aio_poll(ctx, true)``).
+        ``cond`` runs between loop iterations, outside any coroutine, so it may call GS
+        functions such as ``bdrv_debug_is_suspended``."""
         while not cond():
             self.loop.run_until_complete(asyncio.sleep(0.001))
 
@@ -145,6 +146,17 @@ class Session:
             msg, hint = describe_error(exc)
             error_report(f"can't open{where}: {msg}", hint)
             return 1
+        if flags & OpenFlags.COPY_ON_READ:
+            # QEMU's bdrv_open_common does this for BDRV_O_COPY_ON_READ; blockcore's open
+            # leaves the flag to its caller
+            if not flags & OpenFlags.RDWR:
+                self.blk.close()
+                self.blk = None
+                error_report(f"can't open{where}: Can't use copy-on-read on read-only device")
+                return 1
+            from ..info import bdrv_enable_copy_on_read
+
+            bdrv_enable_copy_on_read(self.blk.bs)
         self.writethrough = writethrough
         self.open_args = (filename, opts, flags)
         warn_probed_raw(self.blk.bs, flags)

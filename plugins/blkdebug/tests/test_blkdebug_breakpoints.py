@@ -78,7 +78,7 @@ def test_command_errors(env: Env) -> None:
     with pytest.raises(BlockError, match="no request suspended under tag 'A'") as info:
         bd.debug_resume(blk.bs, "A")
     assert info.value.errno == errno.ENOENT
-    with pytest.raises(BlockError, match="no breakpoint or suspended request") as info:
+    with pytest.raises(BlockError, match="no breakpoint with tag 'A' left to remove") as info:
         bd.debug_remove_breakpoint(blk.bs, "A")
     assert info.value.errno == errno.ENOENT
     with pytest.raises(BlockError, match="no request suspended under tag 'A' within") as info:
@@ -103,6 +103,22 @@ def test_remove_break_drops_breakpoints_and_resumes(env: Env) -> None:
     bd.debug_breakpoint(blk.bs, "pwritev", "B")
     bd.debug_remove_breakpoint(blk.bs, "B")  # a pending breakpoint alone is enough
     blk.pwrite(0, b"r" * 512)
+
+
+def test_remove_break_after_the_breakpoint_fired(env: Env, messages: list[str]) -> None:
+    """QEMU 7.2 resumes the parked request and still reports ENOENT (io-blkdebug golden)."""
+    mem = env.mem()
+    blk = env.open(mem)
+    bd.debug_breakpoint(blk.bs, "pwritev", "A")
+    acb = blk.aio_pwritev(0, b"f" * 512)
+    bd.wait_break(blk.bs, "A", timeout=5)
+    with pytest.raises(BlockError, match="no breakpoint with tag 'A' left to remove") as info:
+        bd.debug_remove_breakpoint(blk.bs, "A")
+    assert info.value.errno == errno.ENOENT
+    assert not bd.debug_is_suspended(blk.bs, "A")
+    wait_done(acb)
+    assert messages[-1] == "blkdebug: Resuming request 'A'"
+    assert driver_writes(mem) == [(0, 512)]
 
 
 @pytest.mark.parametrize("first", ["A", "B"])

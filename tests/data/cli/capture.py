@@ -227,6 +227,15 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-img measure -f qcow2 --size 1G"),
         (C, "qemu-img measure --output=xml --size 1G"),
         (C, "qemu-img measure nonexist.qcow2"),
+        # -l: errors only (no blockcore driver loads a snapshot temporarily yet)
+        q("qemu-img snapshot -c snap a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l nope a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l snapshot.id=7 a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l snapshot.name=nope,snapshot.id=1 a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l snapshot.bogus=1 a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l snapshot.id a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -f raw -l snap base.raw"),
+        (C, "qemu-img measure -O qcow2 -l snap a.qcow2"),
     ],
     # ---------------------------------------------------------------- qemu-img compare
     "img-compare": OVERLAY + [
@@ -497,6 +506,14 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-img info d.qcow2 | head -3"),
         (C, "qemu-img dd if=b1.raw of=d2.raw skip=100 bs=64k"),
         (C, "qemu-img dd if=b1.raw of=d3.raw bs=0"),
+        (C, "qemu-img commit -p -b nonexist t.qcow2"),
+        (C, "qemu-img commit -p b1.raw"),
+        # blockcore-qcow2 has no encryption, so its amend list leaves out the encrypt.* keys
+        (C, "qemu-img amend -o help -f qcow2 | grep -v encrypt"),
+        (C, "qemu-img amend -o help,lazy_refcounts=on t.qcow2 | grep -v encrypt"),
+        (C, "qemu-img amend -o help -f raw"),
+        (C, "qemu-img amend -o help b1.raw"),
+        (C, "qemu-img amend -o help -f bogus"),
     ],
     "img-bitmap": [
         q("qemu-img create -f qcow2 bm.qcow2 4M"),
@@ -570,6 +587,17 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-io -c 'open -x s.qcow2'"),
         (C, "qemu-io -c 'close' -c 'close' s.qcow2"),
         (C, "qemu-io -c 'reopen -o bogus=1' -c 'reopen -r -w' -c 'reopen -c bogus' -c 'length' s.qcow2"),
+        (C, "qemu-io -c 'reopen -o cache.direct=on,cache.no-flush=on' -c 'write -P 3 0 4k' "
+            "-c 'reopen -o cache.direct=off' -c 'read -P 3 0 4k' -c 'reopen -o cache.direct=maybe' "
+            "-c 'reopen -c none -o cache.no-flush=off' s.qcow2"),
+        # -C: copy-on-read copies what a read takes from the backing file into the overlay
+        q("qemu-img create -f raw cor.raw 1M"),
+        q("qemu-io -f raw -c 'write -P 1 0 64k' cor.raw"),
+        q("qemu-img create -f qcow2 -b cor.raw -F raw cor.qcow2"),
+        (C, "qemu-io -C -c 'read -P 1 4k 8k' -c 'map' cor.qcow2"),
+        (C, "qemu-img map --output=json cor.qcow2"),
+        (C, "qemu-io -r -C -c 'length' cor.qcow2"),
+        (C, "qemu-io -c 'open -r -C cor.qcow2' -c 'length'"),
     ],
     "io-raw": [
         q("qemu-img create -f raw r.raw 1M"),

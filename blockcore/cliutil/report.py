@@ -1,0 +1,127 @@
+"""Program name, one-line errors and ``strerror`` texts as QEMU prints them (util/qemu-error.c)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+_PROG: str | None = None
+
+
+def set_prog_name(name: str | None) -> None:
+    """Override the program name (``python -m`` has no useful ``argv[0]``)."""
+    global _PROG
+    _PROG = name
+
+
+def prog_name(default: str = "blockcore") -> str:
+    """The program's name as invoked: ``basename(sys.argv[0])``."""
+    if _PROG:
+        return _PROG
+    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not base or base in ("__main__.py", "-c", "-m") or base.endswith(".py"):
+        return default
+    return base
+
+
+class CliError(Exception):
+    """A reported failure: ``message`` (already without prefix) and the exit status to use."""
+
+    def __init__(self, message: str | None, status: int = 1, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.hint = hint
+
+
+def error_report(message: str, hint: str | None = None, file: TextIO | None = None) -> None:
+    """``prog: message`` on stderr, then the hint verbatim (QEMU's error_append_hint text,
+    which normally ends with a newline)."""
+    out = file or sys.stderr
+    out.write(f"{prog_name()}: {message}\n")
+    if hint:
+        out.write(hint)
+    out.flush()
+
+
+def warn_report(message: str, file: TextIO | None = None) -> None:
+    out = file or sys.stderr
+    out.write(f"{prog_name()}: warning: {message}\n")
+    out.flush()
+
+
+_STRERROR = {
+    errno.EPERM: "Operation not permitted",
+    errno.ENOENT: "No such file or directory",
+    errno.EIO: "Input/output error",
+    errno.E2BIG: "Argument list too long",
+    errno.EBADF: "Bad file descriptor",
+    errno.EAGAIN: "Resource temporarily unavailable",
+    errno.ENOMEM: "Cannot allocate memory",
+    errno.EACCES: "Permission denied",
+    errno.EBUSY: "Device or resource busy",
+    errno.EEXIST: "File exists",
+    errno.EXDEV: "Invalid cross-device link",
+    errno.ENODEV: "No such device",
+    errno.ENOTDIR: "Not a directory",
+    errno.EISDIR: "Is a directory",
+    errno.EINVAL: "Invalid argument",
+    errno.EFBIG: "File too large",
+    errno.ENOSPC: "No space left on device",
+    errno.ESPIPE: "Illegal seek",
+    errno.EROFS: "Read-only file system",
+    errno.ERANGE: "Numerical result out of range",
+    errno.EDEADLK: "Resource deadlock avoided",
+    errno.ENOSYS: "Function not implemented",
+    errno.ENOTSUP: "Operation not supported",
+    errno.ENOMEDIUM: "No medium found",
+    errno.EMEDIUMTYPE: "Wrong medium type",
+    errno.ETIMEDOUT: "Connection timed out",
+    errno.ECANCELED: "Operation canceled",
+    errno.EINPROGRESS: "Operation now in progress",
+}
+
+
+def strerror(err: int | None) -> str:
+    """glibc's ``strerror`` text in the C locale."""
+    if err is None:
+        return "Unknown error"
+    err = abs(err)
+    if err in _STRERROR:
+        return _STRERROR[err]
+    return os.strerror(err)
+
+
+def run_tool(body: Callable[[], int], *, newline_on_interrupt: bool = False) -> int:
+    """Run a tool's body and end it the way both tools end: a :class:`CliError` is its one
+    line and status, Ctrl-C is status 130 (after a newline on stderr with
+    ``newline_on_interrupt``), a closed stdout 1, and any other exception one error line and
+    status 1 (its traceback only with ``BLOCKCORE_DEBUG`` set). stdout is flushed last."""
+    try:
+        status = body()
+    except CliError as exc:
+        if exc.message:
+            error_report(exc.message, exc.hint)
+        status = exc.status
+    except KeyboardInterrupt:
+        if newline_on_interrupt:
+            sys.stdout.flush()
+            sys.stderr.write("\n")
+        status = 130
+    except BrokenPipeError:
+        status = 1
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    except Exception as exc:
+        if os.environ.get("BLOCKCORE_DEBUG"):
+            raise
+        error_report(f"{type(exc).__name__}: {exc}")
+        status = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    return status
