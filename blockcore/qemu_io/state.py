@@ -84,11 +84,10 @@ class Session:
         self.loop.run_until_complete(asyncio.sleep(0))
 
     def poll_until(self, cond: Callable[[], bool]) -> None:
-        async def wait() -> None:
-            while not cond():
-                await asyncio.sleep(0.001)
-
-        self.loop.run_until_complete(wait())
+        # ``cond`` runs here, outside the loop: it may be a GS function (wait_break's
+        # bdrv_debug_is_suspended), which refuses to run inside a coroutine
+        while not cond():
+            self.loop.run_until_complete(asyncio.sleep(0.001))
 
     def drain(self) -> None:
         """Wait for every pending AIO request (``blk_drain_all``)."""
