@@ -59,26 +59,10 @@ DRIVER_DIFFERENCES: dict[tuple[str, str], str] = {
         "blockcore-qcow2 adds the magic to 'Image is not in qcow2 format'",
     ("img-measure", "qemu-img measure --size 1G -O qcow2 -o cluster_size=3k"):
         "blockcore-qcow2 bdrv_measure does not validate cluster_size",
-    ("io-rw", "qemu-io -c 'write -z 0 4k' -c 'write -z -u 64k 64k' -c 'write -z -n 128k 512' "
-              "-c 'write -f 192k 4k' -c 'map' s.qcow2"):
-        "blockcore-qcow2: sub-cluster zero write with NO_FALLBACK is ENOTSUP (QEMU zeroes "
-        "the cluster when the rest reads as zero)",
-    ("io-rw", "qemu-io -c 'write 1M 1M' -c 'map' -c 'alloc 1M 2M' -c 'alloc 0 2M' s.qcow2"):
-        "follows from the zero write above",
-    ("io-rw", "qemu-io -c 'write -c 1M 64k' -c 'write -c 0 4k' -c 'write -c 1M 64k' "
-              "-c 'read -P 0xcd 1M 64k' s.qcow2"):
-        "blockcore-qcow2 compresses into allocated clusters (QEMU: EIO)",
-    ("io-blkdebug", "qemu-io -c 'break write_aio A' -c 'aio_write -P 0x11 0 4k' -c 'wait_break A' "
-                    "-c 'read -P 0 64k 4k' -c 'resume A' -c 'aio_flush' -c 'read -P 0x11 0 4k' "
-                    "blkdebug:empty.conf:bd.qcow2"):
-        "a request suspended below qcow2 blocks every other request on the qcow2 node "
-        "(the read waits forever; QEMU's qcow2 drops its lock around data I/O)",
     ("io-blkdebug", "qemu-io -c 'break write_aio B' -c 'aio_write -P 0x22 64k 4k' "
                     "-c 'wait_break B' -c 'remove_break B' -c 'aio_flush' "
                     "-c 'read -P 0x22 64k 4k' blkdebug:empty.conf:bd.qcow2"):
         "blkdebug: QEMU 7.2 reports ENOENT from remove_break once the one-shot rule fired",
-    ("io-blkdebug", "qemu-img check bd.qcow2"):
-        "blockcore-qcow2 allocates the data cluster before the L2 table (fragmentation 50%)",
     ("img-rebase-commit", "qemu-img map --output=json t.qcow2"):
         "blockcore-img commit copies the top's zero clusters as data into the raw base "
         "(QEMU's commit writes zeroes, which the file driver punches)",
@@ -86,11 +70,7 @@ DRIVER_DIFFERENCES: dict[tuple[str, str], str] = {
 
 
 #: Steps that hang with blockcore (not run; their DRIVER_DIFFERENCES entry says why).
-HANGS = {
-    ("io-blkdebug", "qemu-io -c 'break write_aio A' -c 'aio_write -P 0x11 0 4k' -c 'wait_break A' "
-                    "-c 'read -P 0 64k 4k' -c 'resume A' -c 'aio_flush' -c 'read -P 0x11 0 4k' "
-                    "blkdebug:empty.conf:bd.qcow2"),
-}
+HANGS: set[tuple[str, str]] = set()
 
 
 def _driver_available(name: str) -> bool:

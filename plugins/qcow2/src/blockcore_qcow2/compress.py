@@ -20,8 +20,10 @@ import zstandard
 
 from blockcore.errors import BlockError, NotSupportedError
 
+from . import alloc
 from .format import (
     L2E_COMPRESSED_OFFSET_SIZE_MASK,
+    L2E_OFFSET_MASK,
     CompressionType,
     decode_compressed,
     encode_compressed,
@@ -106,35 +108,55 @@ async def write_clusters(img: Qcow2Image, offset: int, length: int, buf: memoryv
 
 async def store(img: Qcow2Image, offset: int, streams: list[bytes]) -> None:
     """Store compressed streams as the clusters from ``offset`` on (qcow2_alloc_compressed_
-    cluster_offset + the L2 updates); old mappings drop their references. The byte
-    allocator packs consecutive streams, so they usually reach the file in one write."""
+    cluster_offset + the L2 updates). The byte allocator packs consecutive streams, so they
+    usually reach the file in one write.
+
+    Compression never overwrites: from the first cluster that already has a host offset on,
+    nothing is stored and the write fails with EIO, as in QEMU (the clusters before it are
+    stored, as QEMU's per-cluster tasks would)."""
     geo = img.geo
     cs = geo.cluster_size
     async with img.lock:
         await img.ensure_writable()
+        await alloc.wait_dependencies(img, offset, offset + len(streams) * cs)
         if img.has_data_file:
             raise NotSupportedError("compressed writes are not supported with a data file",
                                     img.file.name)  # fmt: skip
-        hosts = [await img.refcounts.alloc_bytes(len(data)) for data in streams]
-        k = 0
-        while k < len(streams):  # one write per contiguous group
-            m, end = k + 1, hosts[k] + len(streams[k])
-            while m < len(streams) and hosts[m] == end:
-                end += len(streams[m])
-                m += 1
-            await img.check_overlap(hosts[k], end - hosts[k])
-            await img.file.event("write_compressed")
-            await img.file.pwrite(hosts[k], streams[k] if m == k + 1 else b"".join(streams[k:m]))
-            k = m
-        await img._link_dependency()
-        for k, data in enumerate(streams):
-            l2off, l2 = await img._l2_for_write(geo.offset_to_l1_index(offset + k * cs))
-            idx = geo.offset_to_l2_index(offset + k * cs)
-            old, old_bitmap = img._entry(l2, idx)
-            await img.file.event("l2_update_compressed")
-            img._set_entry(l2, idx, encode_compressed(hosts[k], len(data), geo.cluster_bits), 0)
-            img.l2_cache.mark_dirty(l2off)
-            await img._free_entry(old, old_bitmap)
+        for k in range(len(streams)):
+            _, l2 = await img._l2_for_write(geo.offset_to_l1_index(offset + k * cs))
+            if img._entry(l2, geo.offset_to_l2_index(offset + k * cs))[0] & L2E_OFFSET_MASK:
+                if k:
+                    await _store_locked(img, offset, streams[:k])
+                raise BlockError(errno.EIO, f"compressed write to guest offset "
+                                 f"{offset + k * cs:#x}: the cluster is already allocated "
+                                 "(compression cannot overwrite)", img.file.name)  # fmt: skip
+        await _store_locked(img, offset, streams)
+
+
+async def _store_locked(img: Qcow2Image, offset: int, streams: list[bytes]) -> None:
+    """Allocate, write and link compressed clusters; the lock is held."""
+    geo = img.geo
+    cs = geo.cluster_size
+    hosts = [await img.refcounts.alloc_bytes(len(data)) for data in streams]
+    k = 0
+    while k < len(streams):  # one write per contiguous group
+        m, end = k + 1, hosts[k] + len(streams[k])
+        while m < len(streams) and hosts[m] == end:
+            end += len(streams[m])
+            m += 1
+        await img.check_overlap(hosts[k], end - hosts[k])
+        await img.file.event("write_compressed")
+        await img.file.pwrite(hosts[k], streams[k] if m == k + 1 else b"".join(streams[k:m]))
+        k = m
+    await img._link_dependency()
+    for k, data in enumerate(streams):
+        l2off, l2 = await img._l2_for_write(geo.offset_to_l1_index(offset + k * cs))
+        idx = geo.offset_to_l2_index(offset + k * cs)
+        old, old_bitmap = img._entry(l2, idx)
+        await img.file.event("l2_update_compressed")
+        img._set_entry(l2, idx, encode_compressed(hosts[k], len(data), geo.cluster_bits), 0)
+        img.l2_cache.mark_dirty(l2off)
+        await img._free_entry(old, old_bitmap)
 
 
 async def read_cluster(img: Qcow2Image, entry: int) -> bytes:

@@ -1,0 +1,115 @@
+"""qcow2 allocating writes parked at a blkdebug breakpoint below qcow2 (iotests 046/177 in
+spirit): the image lock is not held during the data write, so requests on other clusters go
+on, while requests on the clusters being allocated wait for the link (QEMU's
+handle_dependencies); ``qemu-img check`` stays clean."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+from blkdebug_helpers import requires_qemu, settle, wait_done
+from blockcore_blkdebug import driver as bd
+from test_blkdebug_qcow2 import check, create, open_over_blkdebug, qemu_img, qemu_io
+
+from blockcore.errors import BlockError
+
+pytest.importorskip("blockcore_raw", reason="needs blockcore-raw for the file protocol")
+pytest.importorskip("blockcore_qcow2.driver", reason="needs the qcow2 driver")
+pytestmark = requires_qemu
+
+KiB = 1 << 10
+X, Y, Z, W = b"\x11", b"\x22", b"\x33", b"\x44"
+
+
+def test_other_clusters_proceed_while_an_allocation_is_parked(tmp_path: Path) -> None:
+    img = create(tmp_path / "a.qcow2", "4M")
+    qemu_io(img, "write -P 0x44 64k 64k")
+    with open_over_blkdebug(img) as blk:
+        bd.debug_breakpoint(blk.bs, "write_aio", "A")
+        a = blk.aio_pwritev(0, X * (4 * KiB))
+        bd.wait_break(blk.bs, "A", timeout=10)
+        # a read of an allocated cluster, an in-place write, an allocating write elsewhere
+        assert blk.pread(64 * KiB, 4 * KiB) == W * (4 * KiB)
+        blk.pwrite(68 * KiB, Y * (4 * KiB))
+        blk.pwrite(192 * KiB, Z * (8 * KiB))
+        assert blk.pread(192 * KiB, 8 * KiB) == Z * (8 * KiB)
+        assert not a.done and bd.debug_is_suspended(blk.bs, "A")
+        bd.debug_resume(blk.bs, "A")
+        wait_done(a, timeout=10)
+        blk.flush()
+    assert check(img).get("leaks", 0) == 0
+    qemu_io(img, "read -P 0x11 0 4k", "read -P 0 4k 60k", "read -P 0x44 64k 4k",
+            "read -P 0x22 68k 4k", "read -P 0x44 72k 56k", "read -P 0x33 192k 8k")  # fmt: skip
+
+
+def test_overlapping_requests_wait_for_the_link(tmp_path: Path) -> None:
+    """A write into the parked cluster waits; a read of it sees the old content (QEMU's reads
+    do not wait either); both end with the data of both writes."""
+    img = create(tmp_path / "b.qcow2", "4M")
+    with open_over_blkdebug(img) as blk:
+        bd.debug_breakpoint(blk.bs, "write_aio", "A")
+        a = blk.aio_pwritev(4 * KiB, X * (4 * KiB))
+        bd.wait_break(blk.bs, "A", timeout=10)
+        b = blk.aio_pwritev(60 * KiB, Y * (8 * KiB))  # last 4k of cluster 0, first of 1
+        settle(0.05)
+        assert not b.done  # waits for cluster 0 ...
+        assert blk.pread(64 * KiB, 4 * KiB) == bytes(4 * KiB)  # ... and has not started on 1
+        assert blk.pread(0, 64 * KiB) == bytes(64 * KiB)  # A is not linked yet
+        bd.debug_resume(blk.bs, "A")
+        wait_done(a, b, timeout=10)
+        expect = bytes(4 * KiB) + X * (4 * KiB) + bytes(52 * KiB) + Y * (8 * KiB)
+        assert blk.pread(0, 68 * KiB) == expect
+        blk.flush()
+    assert check(img).get("leaks", 0) == 0
+    qemu_io(img, "read -P 0 0 4k", "read -P 0x11 4k 4k", "read -P 0 8k 52k",
+            "read -P 0x22 60k 8k", "read -P 0 68k 60k")  # fmt: skip
+    mapping = json.loads(qemu_img("map", "--output=json", img).stdout)
+    assert [m["length"] for m in mapping if m["data"]] == [128 * KiB], mapping
+
+
+def test_request_is_cut_at_a_parked_cluster(tmp_path: Path) -> None:
+    """A write spanning clusters 0..3 while cluster 2 is being allocated writes 0..1 at
+    once and the rest after the link (handle_dependencies shortens the request)."""
+    img = create(tmp_path / "c.qcow2", "4M")
+    with open_over_blkdebug(img) as blk:
+        bd.debug_breakpoint(blk.bs, "write_aio", "A")
+        a = blk.aio_pwritev(128 * KiB, X * (4 * KiB))
+        bd.wait_break(blk.bs, "A", timeout=10)
+        b = blk.aio_pwritev(0, Y * (256 * KiB))
+        settle(0.05)
+        assert not b.done
+        assert blk.pread(0, 128 * KiB) == Y * (128 * KiB)  # the part before A is in
+        assert blk.pread(192 * KiB, 64 * KiB) == bytes(64 * KiB)  # the part after is not
+        bd.debug_resume(blk.bs, "A")
+        wait_done(a, b, timeout=10)
+        assert blk.pread(0, 256 * KiB) == Y * (256 * KiB)  # B came second
+        blk.flush()
+    assert check(img).get("leaks", 0) == 0
+    qemu_io(img, "read -P 0x22 0 256k")
+
+
+def test_failed_parked_allocation_frees_its_clusters(tmp_path: Path) -> None:
+    """The data write of the parked request fails: it gives its clusters back
+    (qcow2_alloc_cluster_abort) and the waiting write allocates the cluster itself."""
+    img = create(tmp_path / "d.qcow2", "4M")
+    rule = {"event": "write_aio", "errno": errno.EIO, "once": True}
+    with open_over_blkdebug(img, **{"inject-error": [rule]}) as blk:
+        bd.debug_breakpoint(blk.bs, "write_aio", "A")
+        a = blk.aio_pwritev(0, X * (4 * KiB))
+        bd.wait_break(blk.bs, "A", timeout=10)
+        b = blk.aio_pwritev(8 * KiB, Y * (4 * KiB))
+        settle(0.05)
+        assert not b.done
+        bd.debug_resume(blk.bs, "A")
+        with pytest.raises(BlockError) as info:
+            wait_done(a, timeout=10)
+        assert info.value.errno == errno.EIO
+        wait_done(b, timeout=10)
+        assert blk.pread(0, 12 * KiB) == bytes(8 * KiB) + Y * (4 * KiB)
+        blk.flush()
+    result = check(img)
+    assert result.get("leaks", 0) == 0, result
+    qemu_io(img, "read -P 0 0 8k", "read -P 0x22 8k 4k")
