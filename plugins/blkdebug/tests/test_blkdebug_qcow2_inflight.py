@@ -5,8 +5,10 @@ handle_dependencies); ``qemu-img check`` stays clean."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from blkdebug_helpers import requires_qemu, settle, wait_done
 from blockcore_blkdebug import driver as bd
 from test_blkdebug_qcow2 import check, create, open_over_blkdebug, qemu_img, qemu_io
 
+from blockcore import BlockBackend
 from blockcore.errors import BlockError
 
 pytest.importorskip("blockcore_raw", reason="needs blockcore-raw for the file protocol")
@@ -24,18 +27,41 @@ KiB = 1 << 10
 X, Y, Z, W = b"\x11", b"\x22", b"\x33", b"\x44"
 
 
-def test_other_clusters_proceed_while_an_allocation_is_parked(tmp_path: Path) -> None:
-    img = create(tmp_path / "a.qcow2", "4M")
+@contextlib.contextmanager
+def unparked_on_failure(blk: BlockBackend) -> Iterator[None]:
+    """A failing test resumes the parked request, so closing the node does not hang."""
+    try:
+        yield
+    except BaseException:
+        while bd.debug_is_suspended(blk.bs, "A"):
+            bd.debug_resume(blk.bs, "A")
+        raise
+
+
+def read_now(blk: BlockBackend, offset: int, length: int) -> bytes:
+    """Read, failing (not hanging) when the request cannot finish while another is parked."""
+    buf = bytearray(length)
+    wait_done(blk.aio_preadv(offset, buf), timeout=5)
+    return bytes(buf)
+
+
+OPTS = ["cluster_size=65536", "cluster_size=65536,extended_l2=on"]
+
+
+@pytest.mark.parametrize("opts", OPTS, ids=["std", "extl2"])
+def test_other_clusters_proceed_while_an_allocation_is_parked(tmp_path: Path,
+                                                              opts: str) -> None:  # fmt: skip
+    img = create(tmp_path / "a.qcow2", "4M", opts)
     qemu_io(img, "write -P 0x44 64k 64k")
-    with open_over_blkdebug(img) as blk:
+    with open_over_blkdebug(img) as blk, unparked_on_failure(blk):
         bd.debug_breakpoint(blk.bs, "write_aio", "A")
         a = blk.aio_pwritev(0, X * (4 * KiB))
         bd.wait_break(blk.bs, "A", timeout=10)
         # a read of an allocated cluster, an in-place write, an allocating write elsewhere
-        assert blk.pread(64 * KiB, 4 * KiB) == W * (4 * KiB)
-        blk.pwrite(68 * KiB, Y * (4 * KiB))
-        blk.pwrite(192 * KiB, Z * (8 * KiB))
-        assert blk.pread(192 * KiB, 8 * KiB) == Z * (8 * KiB)
+        assert read_now(blk, 64 * KiB, 4 * KiB) == W * (4 * KiB)
+        in_place = blk.aio_pwritev(68 * KiB, Y * (4 * KiB))
+        wait_done(in_place, blk.aio_pwritev(192 * KiB, Z * (8 * KiB)))
+        assert read_now(blk, 192 * KiB, 8 * KiB) == Z * (8 * KiB)
         assert not a.done and bd.debug_is_suspended(blk.bs, "A")
         bd.debug_resume(blk.bs, "A")
         wait_done(a, timeout=10)
@@ -45,11 +71,12 @@ def test_other_clusters_proceed_while_an_allocation_is_parked(tmp_path: Path) ->
             "read -P 0x22 68k 4k", "read -P 0x44 72k 56k", "read -P 0x33 192k 8k")  # fmt: skip
 
 
-def test_overlapping_requests_wait_for_the_link(tmp_path: Path) -> None:
+@pytest.mark.parametrize("opts", OPTS, ids=["std", "extl2"])
+def test_overlapping_requests_wait_for_the_link(tmp_path: Path, opts: str) -> None:
     """A write into the parked cluster waits; a read of it sees the old content (QEMU's reads
     do not wait either); both end with the data of both writes."""
-    img = create(tmp_path / "b.qcow2", "4M")
-    with open_over_blkdebug(img) as blk:
+    img = create(tmp_path / "b.qcow2", "4M", opts)
+    with open_over_blkdebug(img) as blk, unparked_on_failure(blk):
         bd.debug_breakpoint(blk.bs, "write_aio", "A")
         a = blk.aio_pwritev(4 * KiB, X * (4 * KiB))
         bd.wait_break(blk.bs, "A", timeout=10)
@@ -67,14 +94,18 @@ def test_overlapping_requests_wait_for_the_link(tmp_path: Path) -> None:
     qemu_io(img, "read -P 0 0 4k", "read -P 0x11 4k 4k", "read -P 0 8k 52k",
             "read -P 0x22 60k 8k", "read -P 0 68k 60k")  # fmt: skip
     mapping = json.loads(qemu_img("map", "--output=json", img).stdout)
-    assert [m["length"] for m in mapping if m["data"]] == [128 * KiB], mapping
+    data = [(m["start"], m["length"]) for m in mapping if m["data"]]
+    if "extended_l2" in opts:  # only the written 2 KiB subclusters
+        assert data == [(4 * KiB, 4 * KiB), (60 * KiB, 8 * KiB)], mapping
+    else:
+        assert data == [(0, 128 * KiB)], mapping
 
 
 def test_request_is_cut_at_a_parked_cluster(tmp_path: Path) -> None:
     """A write spanning clusters 0..3 while cluster 2 is being allocated writes 0..1 at
     once and the rest after the link (handle_dependencies shortens the request)."""
     img = create(tmp_path / "c.qcow2", "4M")
-    with open_over_blkdebug(img) as blk:
+    with open_over_blkdebug(img) as blk, unparked_on_failure(blk):
         bd.debug_breakpoint(blk.bs, "write_aio", "A")
         a = blk.aio_pwritev(128 * KiB, X * (4 * KiB))
         bd.wait_break(blk.bs, "A", timeout=10)
@@ -96,7 +127,7 @@ def test_failed_parked_allocation_frees_its_clusters(tmp_path: Path) -> None:
     (qcow2_alloc_cluster_abort) and the waiting write allocates the cluster itself."""
     img = create(tmp_path / "d.qcow2", "4M")
     rule = {"event": "write_aio", "errno": errno.EIO, "once": True}
-    with open_over_blkdebug(img, **{"inject-error": [rule]}) as blk:
+    with open_over_blkdebug(img, **{"inject-error": [rule]}) as blk, unparked_on_failure(blk):
         bd.debug_breakpoint(blk.bs, "write_aio", "A")
         a = blk.aio_pwritev(0, X * (4 * KiB))
         bd.wait_break(blk.bs, "A", timeout=10)
@@ -113,3 +144,29 @@ def test_failed_parked_allocation_frees_its_clusters(tmp_path: Path) -> None:
     result = check(img)
     assert result.get("leaks", 0) == 0, result
     qemu_io(img, "read -P 0 0 8k", "read -P 0x22 8k 4k")
+
+
+def test_extended_l2_subcluster_write_in_allocated_cluster_is_parked(tmp_path: Path) -> None:
+    """Extended L2, a write into an unallocated subcluster of an allocated cluster (QEMU:
+    handle_copied with keep_old_clusters): parked without the lock; a read and a write
+    elsewhere go on, a write into the same cluster waits; the subcluster bitmap ends right."""
+    img = create(tmp_path / "e.qcow2", "4M", OPTS[1])
+    qemu_io(img, "write -P 0x44 0 2k")
+    with open_over_blkdebug(img) as blk, unparked_on_failure(blk):
+        bd.debug_breakpoint(blk.bs, "write_aio", "A")
+        a = blk.aio_pwritev(8 * KiB, X * (2 * KiB))
+        bd.wait_break(blk.bs, "A", timeout=10)
+        assert read_now(blk, 0, 2 * KiB) == W * (2 * KiB)
+        wait_done(blk.aio_pwritev(64 * KiB, Z * (2 * KiB)))
+        c = blk.aio_pwritev(9 * KiB, Y * KiB)
+        settle(0.05)
+        assert not c.done and not a.done
+        bd.debug_resume(blk.bs, "A")
+        wait_done(a, c, timeout=10)
+        blk.flush()
+    assert check(img).get("leaks", 0) == 0
+    qemu_io(img, "read -P 0x44 0 2k", "read -P 0 2k 6k", "read -P 0x11 8k 1k",
+            "read -P 0x22 9k 1k", "read -P 0 10k 54k", "read -P 0x33 64k 2k")  # fmt: skip
+    mapping = json.loads(qemu_img("map", "--output=json", img).stdout)
+    data = [(m["start"], m["length"]) for m in mapping if m["data"]]
+    assert data == [(0, 2 * KiB), (8 * KiB, 2 * KiB), (64 * KiB, 2 * KiB)], mapping

@@ -9,7 +9,6 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
-
 from blockcore_qcow2.image import Qcow2Image
 
 from .conftest import qemu_img, requires_qemu, to_raw

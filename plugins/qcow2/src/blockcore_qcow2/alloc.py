@@ -56,37 +56,40 @@ async def wait_dependencies(img: Qcow2Image, start: int, end: int) -> None:
         await wait_for(img, m)
 
 
-async def write_inplace_ext(img: Qcow2Image, l2off: int, l2: bytearray, pos: int,
+async def write_inplace_ext(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
                             data: memoryview) -> None:  # fmt: skip
-    """Extended L2, allocated clusters: widen to subcluster bounds (copying what the
-    subclusters read as now), write, then mark the subclusters allocated."""
+    """Extended L2, a run of allocated, host-contiguous clusters: widen to subcluster
+    bounds (copying what the subclusters read as now), write with the lock dropped, then
+    mark the subclusters allocated (handle_copied's QCowL2Meta with keep_old_clusters)."""
     geo = img.geo
-    ss = geo.subcluster_size
+    ss, cs = geo.subcluster_size, geo.cluster_size
     end = pos + len(data)
-    while pos < end:
-        cend = min(end, geo.start_of_cluster(pos) + geo.cluster_size)
-        idx = geo.offset_to_l2_index(pos)
-        entry, bitmap = img._entry(l2, idx)
-        host = img._host(entry, pos)
-        a = pos - pos % ss
-        b = -(-cend // ss) * ss
-        wide = aligned_buffer(b - a)
-        if a < pos:
-            await img._current(a, wide[: pos - a])
-        if cend < b:
-            await img._current(cend, wide[cend - a :])
-        wide[pos - a : cend - a] = data[pos - (end - len(data)) : cend - (end - len(data))]
-        await img.check_overlap(host + geo.offset_into_cluster(a), len(wide))
-        await img.file.event("write_aio")
-        await img.data.pwrite(host + geo.offset_into_cluster(a), wide)
-        first = geo.offset_to_sc_index(a)
-        count = (b - a) // ss
-        mask = ((1 << count) - 1) << first
-        new_bitmap = (bitmap | mask) & ~(mask << 32)
-        if new_bitmap != bitmap:
-            img._set_entry(l2, idx, entry, new_bitmap)
-            img.l2_cache.mark_dirty(l2off)
-        pos = cend
+    a = pos - pos % ss
+    b = -(-end // ss) * ss
+    host = img._host(img._entry(l2, geo.offset_to_l2_index(pos))[0], pos)
+    host += geo.offset_into_cluster(a)
+    await img.check_overlap(host, b - a)
+    m = InFlight(geo.start_of_cluster(pos), -(-end // cs) * cs)
+    img.inflight.append(m)
+    try:
+        async with img.unlocked():
+            out = await _with_cow(img, pos, data, a, b)
+            await img.file.event("write_aio")
+            await img.data.pwrite(host, out)
+        l2off, l2 = await img._l2_for_write(l1_index)
+        for cstart in range(m.start, m.end, cs):
+            idx = geo.offset_to_l2_index(cstart)
+            entry, bitmap = img._entry(l2, idx)
+            first = geo.offset_to_sc_index(max(a, cstart))
+            last = geo.offset_to_sc_index(min(b, cstart + cs) - 1)
+            mask = ((1 << (last + 1 - first)) - 1) << first
+            new_bitmap = (bitmap | mask) & ~(mask << 32)
+            if new_bitmap != bitmap:
+                img._set_entry(l2, idx, entry, new_bitmap)
+                img.l2_cache.mark_dirty(l2off)
+    finally:
+        img.inflight.remove(m)
+        m.done.set()
 
 
 async def write_alloc(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,

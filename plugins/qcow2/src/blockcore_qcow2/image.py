@@ -529,7 +529,7 @@ class Qcow2Image:
         data = buf[pos - offset : run_end - offset]
         if inplace:
             if geo.extended_l2:
-                await alloc.write_inplace_ext(self, l2off, l2, pos, data)
+                await alloc.write_inplace_ext(self, geo.offset_to_l1_index(pos), l2, pos, data)
             else:
                 await self.check_overlap(host0 + geo.offset_into_cluster(pos), len(data))
                 async with self.unlocked():
