@@ -170,3 +170,30 @@ def test_extended_l2_subcluster_write_in_allocated_cluster_is_parked(tmp_path: P
     mapping = json.loads(qemu_img("map", "--output=json", img).stdout)
     data = [(m["start"], m["length"]) for m in mapping if m["data"]]
     assert data == [(0, 2 * KiB), (8 * KiB, 2 * KiB), (64 * KiB, 2 * KiB)], mapping
+
+
+def test_compressed_write_is_parked_without_the_lock(tmp_path: Path) -> None:
+    """A compressed write parked at its data write: other clusters go on, a write into its
+    cluster waits and lands on top after the link; a second compressed write there: EIO."""
+    from blockcore import BdrvRequestFlags as F
+
+    img = create(tmp_path / "f.qcow2", "4M")
+    with open_over_blkdebug(img) as blk, unparked_on_failure(blk):
+        bd.debug_breakpoint(blk.bs, "write_compressed", "A")
+        a = blk.aio_pwritev(0, X * (64 * KiB), flags=F.WRITE_COMPRESSED)
+        bd.wait_break(blk.bs, "A", timeout=10)
+        assert read_now(blk, 64 * KiB, 4 * KiB) == bytes(4 * KiB)
+        wait_done(blk.aio_pwritev(128 * KiB, Z * (4 * KiB)))
+        b = blk.aio_pwritev(4 * KiB, Y * (4 * KiB))
+        settle(0.05)
+        assert not a.done and not b.done
+        bd.debug_resume(blk.bs, "A")
+        wait_done(a, b, timeout=10)
+        assert blk.pread(0, 12 * KiB) == X * (4 * KiB) + Y * (4 * KiB) + X * (4 * KiB)
+        with pytest.raises(BlockError) as info:
+            blk.pwrite(64 * KiB * 2, X * (64 * KiB), flags=F.WRITE_COMPRESSED)
+        assert info.value.errno == errno.EIO
+        blk.flush()
+    check(img)
+    qemu_io(img, "read -P 0x11 0 4k", "read -P 0x22 4k 4k", "read -P 0x11 8k 56k",
+            "read -P 0x33 128k 4k", "read -P 0 132k 60k")  # fmt: skip

@@ -134,29 +134,40 @@ async def store(img: Qcow2Image, offset: int, streams: list[bytes]) -> None:
 
 
 async def _store_locked(img: Qcow2Image, offset: int, streams: list[bytes]) -> None:
-    """Allocate, write and link compressed clusters; the lock is held."""
+    """Allocate, write and link compressed clusters. Called with the lock held; it is
+    dropped for the data writes while the guest clusters sit in ``img.inflight``."""
     geo = img.geo
     cs = geo.cluster_size
     hosts = [await img.refcounts.alloc_bytes(len(data)) for data in streams]
+    groups = []  # one write per contiguous group
     k = 0
-    while k < len(streams):  # one write per contiguous group
+    while k < len(streams):
         m, end = k + 1, hosts[k] + len(streams[k])
         while m < len(streams) and hosts[m] == end:
             end += len(streams[m])
             m += 1
         await img.check_overlap(hosts[k], end - hosts[k])
-        await img.file.event("write_compressed")
-        await img.file.pwrite(hosts[k], streams[k] if m == k + 1 else b"".join(streams[k:m]))
+        groups.append((hosts[k], streams[k] if m == k + 1 else b"".join(streams[k:m])))
         k = m
-    await img._link_dependency()
-    for k, data in enumerate(streams):
-        l2off, l2 = await img._l2_for_write(geo.offset_to_l1_index(offset + k * cs))
-        idx = geo.offset_to_l2_index(offset + k * cs)
-        old, old_bitmap = img._entry(l2, idx)
-        await img.file.event("l2_update_compressed")
-        img._set_entry(l2, idx, encode_compressed(hosts[k], len(data), geo.cluster_bits), 0)
-        img.l2_cache.mark_dirty(l2off)
-        await img._free_entry(old, old_bitmap)
+    owned = alloc.InFlight(offset, offset + len(streams) * cs)
+    img.inflight.append(owned)
+    try:
+        async with img.unlocked():  # a failure leaks the bytes (check -r leaks repairs)
+            for host, data in groups:
+                await img.file.event("write_compressed")
+                await img.file.pwrite(host, data)
+        await img._link_dependency()
+        for k, data in enumerate(streams):
+            l2off, l2 = await img._l2_for_write(geo.offset_to_l1_index(offset + k * cs))
+            idx = geo.offset_to_l2_index(offset + k * cs)
+            old, old_bitmap = img._entry(l2, idx)
+            await img.file.event("l2_update_compressed")
+            img._set_entry(l2, idx, encode_compressed(hosts[k], len(data), geo.cluster_bits), 0)
+            img.l2_cache.mark_dirty(l2off)
+            await img._free_entry(old, old_bitmap)
+    finally:
+        img.inflight.remove(owned)
+        owned.done.set()
 
 
 async def read_cluster(img: Qcow2Image, entry: int) -> bytes:
