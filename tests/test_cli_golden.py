@@ -69,32 +69,11 @@ DRIVER_DIFFERENCES: dict[tuple[str, int], Difference] = {
         "qemu-img measure -O qcow2 -l snap a.qcow2",
         "no blockcore driver loads an internal snapshot temporarily (bdrv_snapshot_load_tmp), "
         "so measure/convert -l of an existing snapshot fail"),
-    ("io-rw", 9): Difference(
-        "qemu-io -c 'write -z 0 4k' -c 'write -z -u 64k 64k' -c 'write -z -n 128k 512' "
-        "-c 'write -f 192k 4k' -c 'map' s.qcow2",
-        "blockcore-qcow2: sub-cluster zero write with NO_FALLBACK is ENOTSUP (QEMU zeroes "
-        "the cluster when the rest reads as zero)"),
-    ("io-rw", 10): Difference(
-        "qemu-io -c 'write -c 1M 64k' -c 'write -c 0 4k' -c 'write -c 1M 64k' "
-        "-c 'read -P 0xcd 1M 64k' s.qcow2",
-        "blockcore-qcow2 compresses into allocated clusters (QEMU: EIO)"),
-    ("io-rw", 16): Difference(
-        "qemu-io -c 'write 1M 1M' -c 'map' -c 'alloc 1M 2M' -c 'alloc 0 2M' s.qcow2",
-        "follows from the zero write at step 9"),
-    ("io-blkdebug", 0): Difference(
-        "qemu-io -c 'break write_aio A' -c 'aio_write -P 0x11 0 4k' -c 'wait_break A' "
-        "-c 'read -P 0 64k 4k' -c 'resume A' -c 'aio_flush' -c 'read -P 0x11 0 4k' "
-        "blkdebug:empty.conf:bd.qcow2",
-        "a request suspended below qcow2 blocks every other request on the qcow2 node "
-        "(the read waits forever; QEMU's qcow2 drops its lock around data I/O)"),
-    ("io-blkdebug", 6): Difference(
-        "qemu-img check bd.qcow2",
-        "blockcore-qcow2 allocates the data cluster before the L2 table (fragmentation 50%)"),
 }
 
 #: Steps that hang with blockcore (not run, so they fail; their DRIVER_DIFFERENCES entry says
 #: why).
-HANGS = {("io-blkdebug", 0)}
+HANGS: set[tuple[str, int]] = set()
 
 
 def _driver_available(name: str) -> bool:

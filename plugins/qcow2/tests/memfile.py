@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 
@@ -17,6 +18,8 @@ class MemFile:
         self.writes = 0
         #: after this many writes (pwrite/zero/truncate/discard), every write is dropped
         self.crash_after: int | None = None
+        #: let other coroutines run before each read and write (as real I/O would)
+        self.yield_io = False
 
     @classmethod
     def load(cls, path: Path) -> MemFile:
@@ -30,6 +33,8 @@ class MemFile:
         return self.crash_after is None or self.writes <= self.crash_after
 
     async def pread(self, offset: int, buf: memoryview) -> None:
+        if self.yield_io:
+            await asyncio.sleep(0)
         n = len(buf)
         chunk = self.buf[offset : offset + n]
         buf[: len(chunk)] = chunk
@@ -37,6 +42,8 @@ class MemFile:
             buf[len(chunk) :] = bytes(n - len(chunk))
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.yield_io:
+            await asyncio.sleep(0)
         if not self._count():
             return
         data = bytes(data)

@@ -1,94 +1,215 @@
 """Allocating writes: new clusters filled with copy-on-write data and linked into L2, and
 subcluster writes of extended L2 (QEMU's qcow2_alloc_host_offset and
 qcow2_alloc_cluster_link_l2 in qcow2-cluster.c, plus the COW of handle_copied/do_perform_cow).
-Callers hold the image lock.
+
+Callers hold the image lock. An allocating write drops it for its data I/O, as
+qcow2_co_pwritev_task does; until its L2 entries are linked it sits in ``img.inflight`` (QEMU's
+cluster_allocs list of QCowL2Meta), and requests touching the same clusters wait for it
+(handle_dependencies) while requests on other clusters go on.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
+
+import attrs
 
 from blockcore.util import aligned_buffer
 
+from .cluster import ClusterType as CT
+from .cluster import SubclusterType as ST
+from .cluster import cluster_type, subcluster_type
 from .format import L2_BITMAP_ALL_ALLOC, OFLAG_COPIED
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
 
 
-async def write_inplace_ext(img: Qcow2Image, l2off: int, l2: bytearray, pos: int,
+@attrs.define(eq=False)
+class InFlight:
+    """Guest clusters ``[start, end)`` allocated but not yet linked into L2 (QCowL2Meta)."""
+
+    start: int
+    end: int
+    done: asyncio.Event = attrs.Factory(asyncio.Event)
+
+
+def first_overlap(img: Qcow2Image, start: int, end: int) -> InFlight | None:
+    """The in-flight allocation overlapping guest ``[start, end)`` that starts first."""
+    best = None
+    for m in img.inflight:
+        if m.start < end and start < m.end and (best is None or m.start < best.start):
+            best = m
+    return best
+
+
+async def wait_for(img: Qcow2Image, m: InFlight) -> None:
+    """Wait, without the image lock, until ``m`` is linked (or has failed)."""
+    async with img.unlocked():
+        await m.done.wait()
+
+
+async def wait_dependencies(img: Qcow2Image, start: int, end: int) -> None:
+    """With the lock held: wait until no allocation in flight overlaps ``[start, end)``."""
+    while (m := first_overlap(img, start, end)) is not None:
+        await wait_for(img, m)
+
+
+async def write_inplace_ext(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
                             data: memoryview) -> None:  # fmt: skip
-    """Extended L2, allocated clusters: widen to subcluster bounds (copying what the
-    subclusters read as now), write, then mark the subclusters allocated."""
+    """Extended L2, a run of allocated, host-contiguous clusters: widen to subcluster
+    bounds (copying what the subclusters read as now), write with the lock dropped, then
+    mark the subclusters allocated (handle_copied's QCowL2Meta with keep_old_clusters)."""
     geo = img.geo
-    ss = geo.subcluster_size
+    ss, cs = geo.subcluster_size, geo.cluster_size
     end = pos + len(data)
-    cstart = geo.start_of_cluster(pos)
-    while pos < end:
-        cend = min(end, geo.start_of_cluster(pos) + geo.cluster_size)
-        idx = geo.offset_to_l2_index(pos)
-        entry, bitmap = img._entry(l2, idx)
-        host = img._host(entry, pos)
-        a = pos - pos % ss
-        b = -(-cend // ss) * ss
-        wide = aligned_buffer(b - a)
-        if a < pos:
-            await img._current(a, wide[: pos - a])
-        if cend < b:
-            await img._current(cend, wide[cend - a :])
-        wide[pos - a : cend - a] = data[pos - (end - len(data)) : cend - (end - len(data))]
-        await img.check_overlap(host + geo.offset_into_cluster(a), len(wide))
-        await img.file.event("write_aio")
-        await img.data.pwrite(host + geo.offset_into_cluster(a), wide)
-        first = geo.offset_to_sc_index(a)
-        count = (b - a) // ss
-        mask = ((1 << count) - 1) << first
-        new_bitmap = (bitmap | mask) & ~(mask << 32)
-        if new_bitmap != bitmap:
-            img._set_entry(l2, idx, entry, new_bitmap)
-            img.l2_cache.mark_dirty(l2off)
-        pos = cend
-    del cstart
+    a = pos - pos % ss
+    b = -(-end // ss) * ss
+    host = img._host(img._entry(l2, geo.offset_to_l2_index(pos))[0], pos)
+    host += geo.offset_into_cluster(a)
+    await img.check_overlap(host, b - a)
+    m = InFlight(geo.start_of_cluster(pos), -(-end // cs) * cs)
+    img.inflight.append(m)
+    try:
+        async with img.unlocked():
+            out = await _with_cow(img, pos, data, a, b)
+            await img.file.event("write_aio")
+            await img.data.pwrite(host, out)
+        l2off, l2 = await img._l2_for_write(l1_index)
+        for cstart in range(m.start, m.end, cs):
+            idx = geo.offset_to_l2_index(cstart)
+            entry, bitmap = img._entry(l2, idx)
+            first = geo.offset_to_sc_index(max(a, cstart))
+            last = geo.offset_to_sc_index(min(b, cstart + cs) - 1)
+            mask = ((1 << (last + 1 - first)) - 1) << first
+            new_bitmap = (bitmap | mask) & ~(mask << 32)
+            if new_bitmap != bitmap:
+                img._set_entry(l2, idx, entry, new_bitmap)
+                img.l2_cache.mark_dirty(l2off)
+    finally:
+        img.inflight.remove(m)
+        m.done.set()
 
 
-async def write_alloc(img: Qcow2Image, l2off: int, l2: bytearray, pos: int, data: memoryview,
-                      n: int) -> None:  # fmt: skip
-    """Allocate ``n`` new clusters, fill them with COW data around ``data``, then point
-    the L2 entries at them and drop the old references (qcow2_alloc_cluster_link_l2)."""
+async def write_alloc(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
+                      data: memoryview, n: int) -> None:  # fmt: skip
+    """Allocate ``n`` new clusters, fill them with COW data around ``data`` with the lock
+    dropped, then point the L2 entries at them and drop the old references
+    (qcow2_alloc_cluster_link_l2). The caller has taken the L2 table ``l2`` for
+    ``l1_index`` already, so the table is allocated before the data clusters, as in QEMU."""
     geo = img.geo
     cs = geo.cluster_size
     cstart = geo.start_of_cluster(pos)
-    end = pos + len(data)
     cend = cstart + n * cs
-    idx = geo.offset_to_l2_index(pos)
+    a, b = cow_bounds(img, l2, pos, pos + len(data), n)
     if img.has_data_file:
         new = cstart
     else:
         new = await img.refcounts.alloc_clusters(n)
         await img.check_overlap(new, n * cs)  # refcounts that lie about metadata
-    whole = pos == cstart and end == cend
-    if whole:
-        out = data
-    else:
-        outbuf = aligned_buffer(cend - cstart)
-        if pos > cstart:
-            await img.file.event("cow_read")
-            await img._current(cstart, outbuf[: pos - cstart])
-        if end < cend:
-            await img.file.event("cow_read")
-            await img._current(end, outbuf[end - cstart :])
-        outbuf[pos - cstart : end - cstart] = data
-        out = outbuf
-        await img.file.event("cow_write")
-    await img.file.event("write_aio")
-    await img.data.pwrite(new, out)
+    m = InFlight(cstart, cend)
+    img.inflight.append(m)
+    try:
+        try:
+            async with img.unlocked():
+                out = await _with_cow(img, pos, data, a, b)
+                await img.file.event("write_aio")
+                await img.data.pwrite(new + a - cstart, out)
+        except BaseException:
+            # qcow2_alloc_cluster_abort: nothing links the clusters, give them back
+            if not img.has_data_file:
+                try:
+                    await img.refcounts.update(new, n * cs, -1)
+                except OSError:
+                    pass  # leaked, which check -r leaks repairs
+            raise
+        await link(img, l1_index, cstart, new, n, a - cstart, b - cstart)
+    finally:
+        img.inflight.remove(m)
+        m.done.set()
+
+
+def _ctz32(x: int) -> int:
+    return (x & -x).bit_length() - 1 if x else 32
+
+
+def cow_bounds(img: Qcow2Image, l2: bytearray, pos: int, end: int, n: int) -> tuple[int, int]:
+    """The guest range a new allocation of the ``n`` clusters around ``[pos, end)`` writes:
+    whole clusters, or with extended L2 only the touched subclusters plus the allocated ones
+    of the old cluster next to them (calculate_l2_meta's cow_start/cow_end)."""
+    geo = img.geo
+    cs, sb = geo.cluster_size, geo.subcluster_bits
+    cstart = geo.start_of_cluster(pos)
+    cend = cstart + n * cs
+    if not geo.extended_l2:
+        return cstart, cend
+    idx = geo.offset_to_l2_index(pos)
+    entry, bitmap = img._entry(l2, idx)
+    sc = geo.offset_to_sc_index(pos)
+    t = subcluster_type(entry, bitmap, sc, geo)
+    if t is ST.COMPRESSED:
+        a = cstart
+    elif t in (ST.ZERO_PLAIN, ST.UNALLOCATED_PLAIN):
+        a = cstart + (sc << sb)
+    else:  # skip leading zero and unallocated subclusters
+        a = cstart + (min(sc, _ctz32(bitmap & L2_BITMAP_ALL_ALLOC)) << sb)
+    entry, bitmap = img._entry(l2, idx + n - 1)
+    sc = geo.offset_to_sc_index(end - 1)
+    t = subcluster_type(entry, bitmap, sc, geo)
+    if t is ST.COMPRESSED:
+        b = cend
+    elif t in (ST.ZERO_PLAIN, ST.UNALLOCATED_PLAIN):
+        b = -(-end >> sb) << sb
+    else:  # skip trailing zero and unallocated subclusters
+        clz = 32 - (bitmap & L2_BITMAP_ALL_ALLOC).bit_length()
+        b = cend - (min(geo.subclusters_per_cluster - sc - 1, clz) << sb)
+    return a, b
+
+
+async def _with_cow(img: Qcow2Image, pos: int, data: memoryview, cstart: int,
+                    cend: int) -> memoryview:  # fmt: skip
+    """``data`` widened to ``[cstart, cend)`` with the current guest content around it.
+    Reads take the lock per lookup; nobody else changes these clusters while we own them."""
+    end = pos + len(data)
+    if pos == cstart and end == cend:
+        return data
+    out = aligned_buffer(cend - cstart)
+    if pos > cstart:
+        await img.file.event("cow_read")
+        await img._read(cstart, out[: pos - cstart])
+    if end < cend:
+        await img.file.event("cow_read")
+        await img._read(end, out[end - cstart :])
+    out[pos - cstart : end - cstart] = data
+    await img.file.event("cow_write")
+    return out
+
+
+async def link(img: Qcow2Image, l1_index: int, cstart: int, new: int, n: int,
+               written_from: int, written_to: int) -> None:  # fmt: skip
+    """Point the L2 entries of guest clusters ``cstart..`` at ``new..`` and free what they
+    held; with extended L2, mark the subclusters of ``[written_from, written_to)`` (relative
+    to ``cstart``) allocated. The table is looked up again: it may have left the cache while
+    we were unlocked."""
+    geo = img.geo
+    cs = geo.cluster_size
     await img._link_dependency()
+    l2off, l2 = await img._l2_for_write(l1_index)
+    idx = geo.offset_to_l2_index(cstart)
     old = []
     for k in range(n):
         entry, bitmap = img._entry(l2, idx + k)
         old.append((entry, bitmap))
-        img._set_entry(l2, idx + k, (new + k * cs) | OFLAG_COPIED,
-                        L2_BITMAP_ALL_ALLOC if geo.extended_l2 else 0)  # fmt: skip
+        new_bitmap = 0
+        if geo.extended_l2:
+            first = geo.offset_to_sc_index(max(written_from, k * cs))
+            last = geo.offset_to_sc_index(min(written_to, (k + 1) * cs) - 1)
+            mask = ((1 << (last + 1 - first)) - 1) << first
+            if cluster_type(entry, geo) is CT.COMPRESSED:
+                bitmap = 0
+            new_bitmap = (bitmap | mask) & ~(mask << 32)
+        img._set_entry(l2, idx + k, (new + k * cs) | OFLAG_COPIED, new_bitmap)
     img.l2_cache.mark_dirty(l2off)
     for entry, bitmap in old:
         await img._free_entry(entry, bitmap)

@@ -15,6 +15,7 @@ import attrs
 
 from blockcore.errors import BlockError, NotSupportedError
 
+from . import alloc
 from .cluster import ClusterType as CT
 from .cluster import SubclusterType as ST
 from .cluster import cluster_type
@@ -34,19 +35,35 @@ if TYPE_CHECKING:
 async def write_zeroes(img: Qcow2Image, offset: int, length: int, unmap: bool) -> None:
     """Make whole (sub)clusters read as zero in metadata (qcow2_co_pwrite_zeroes).
 
-    Partial clusters that already read as zero succeed; other partial ones and v2
-    images with a backing file raise NotSupportedError so the core writes zeros.
+    A request covering part of a (sub)cluster (the core sends those alone) zeroes the whole
+    one when the rest of it already reads as zero, as QEMU does; otherwise, and for v2 images
+    with a backing file, NotSupportedError makes the core write zeros (or fail, with
+    NO_FALLBACK).
     """
     geo = img.geo
     unit = geo.subcluster_size
     async with img.lock:
         await img.ensure_writable()
-        if offset % unit or length % unit:
-            if await reads_as_zero(img, offset, length):
-                return
-            raise NotSupportedError("zero write not aligned to (sub)clusters",
-                                    img.file.name)  # fmt: skip
-        if img.header.version < 3 and img.backing is not None:
+        await alloc.wait_dependencies(img, geo.start_of_cluster(offset), offset + length)
+        head = offset % unit
+        tail = -(offset + length) % unit
+        if offset + length >= img.header.size:
+            tail = 0  # the disk's last, partial subcluster counts as whole
+        if head + length + tail > unit and (head or tail):
+            raise NotSupportedError("zero write not aligned to (sub)clusters", img.file.name)
+        if head or tail:
+            if not (await reads_as_zero(img, offset - head, head)
+                    and await reads_as_zero(img, offset + length, tail)):
+                raise NotSupportedError("zero write covers part of a (sub)cluster whose rest "
+                                        "is not zero", img.file.name)  # fmt: skip
+            offset -= head
+            length = unit
+            run = await img.lookup(offset, unit)
+            if run.type not in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC, ST.ZERO_PLAIN,
+                                ST.ZERO_ALLOC):  # fmt: skip
+                raise NotSupportedError("zero write covers part of an allocated (sub)cluster",
+                                        img.file.name)  # fmt: skip
+        if img.header.version < 3 and img.has_backing():
             raise NotSupportedError("v2 image with backing file: no zero clusters",
                                     img.file.name)  # fmt: skip
         await img.file.event("pwritev_zero")
@@ -59,7 +76,7 @@ async def reads_as_zero(img: Qcow2Image, offset: int, length: int) -> bool:
         run = await img.lookup(pos, end - pos)
         if run.type in (ST.ZERO_PLAIN, ST.ZERO_ALLOC):
             pass
-        elif run.type in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC) and img.backing is None:
+        elif run.type in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC) and not img.has_backing():
             pass
         else:
             return False
@@ -79,6 +96,7 @@ async def discard(img: Qcow2Image, offset: int, length: int) -> None:
         return
     async with img.lock:
         await img.ensure_writable()
+        await alloc.wait_dependencies(img, a, b)
         await zero_or_discard(img, a, b - a, unmap=True, discard=True)
 
 
@@ -92,7 +110,7 @@ async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: b
     while pos < end:
         l1i = geo.offset_to_l1_index(pos)
         if discard and (l1i >= len(img.l1) or not img.l1[l1i] & L1E_OFFSET_MASK):
-            if not v3 or img.backing is None:
+            if not v3 or not img.has_backing():
                 pos = min(end, (l1i + 1) * geo.l1_entry_span())
                 continue
         l2off, l2 = await img._l2_for_write(l1i)
@@ -120,7 +138,8 @@ async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: b
             keep = ctype is CT.NORMAL and not unmap and not img.has_data_file
             keep = keep or ctype is CT.ZERO_ALLOC and not unmap
             keep = keep or (img.has_data_file and ctype is CT.NORMAL)
-            if discard and not (v3 and (img.backing is not None or ctype is not CT.UNALLOCATED)):
+            keep = keep and v3  # v2 has no zero flag: zeroing discards (QEMU's zeroize)
+            if discard and not (v3 and (img.has_backing() or ctype is not CT.UNALLOCATED)):
                 new_entry, new_bitmap = 0, 0  # v2, or nothing to hide: unallocated
             elif geo.extended_l2:
                 new_entry = entry & (L2E_OFFSET_MASK | OFLAG_COPIED) if keep else 0
@@ -154,6 +173,7 @@ async def truncate(img: Qcow2Image, size: int, prealloc: str = "off") -> None:
     """Grow (with optional preallocation) or shrink the virtual disk."""
     async with img.lock:
         await img.ensure_writable()
+        await alloc.wait_dependencies(img, 0, 1 << 63)
         geo = img.geo
         old = img.header.size
         if size < old:

@@ -20,8 +20,10 @@ import zstandard
 
 from blockcore.errors import BlockError, NotSupportedError
 
+from . import alloc
 from .format import (
     L2E_COMPRESSED_OFFSET_SIZE_MASK,
+    L2E_OFFSET_MASK,
     CompressionType,
     decode_compressed,
     encode_compressed,
@@ -106,26 +108,54 @@ async def write_clusters(img: Qcow2Image, offset: int, length: int, buf: memoryv
 
 async def store(img: Qcow2Image, offset: int, streams: list[bytes]) -> None:
     """Store compressed streams as the clusters from ``offset`` on (qcow2_alloc_compressed_
-    cluster_offset + the L2 updates); old mappings drop their references. The byte
-    allocator packs consecutive streams, so they usually reach the file in one write."""
+    cluster_offset + the L2 updates). The byte allocator packs consecutive streams, so they
+    usually reach the file in one write.
+
+    Compression never overwrites: from the first cluster that already has a host offset on,
+    nothing is stored and the write fails with EIO, as in QEMU (the clusters before it are
+    stored, as QEMU's per-cluster tasks would)."""
     geo = img.geo
     cs = geo.cluster_size
     async with img.lock:
         await img.ensure_writable()
+        await alloc.wait_dependencies(img, offset, offset + len(streams) * cs)
         if img.has_data_file:
             raise NotSupportedError("compressed writes are not supported with a data file",
                                     img.file.name)  # fmt: skip
-        hosts = [await img.refcounts.alloc_bytes(len(data)) for data in streams]
-        k = 0
-        while k < len(streams):  # one write per contiguous group
-            m, end = k + 1, hosts[k] + len(streams[k])
-            while m < len(streams) and hosts[m] == end:
-                end += len(streams[m])
-                m += 1
-            await img.check_overlap(hosts[k], end - hosts[k])
-            await img.file.event("write_compressed")
-            await img.file.pwrite(hosts[k], streams[k] if m == k + 1 else b"".join(streams[k:m]))
-            k = m
+        for k in range(len(streams)):
+            _, l2 = await img._l2_for_write(geo.offset_to_l1_index(offset + k * cs))
+            if img._entry(l2, geo.offset_to_l2_index(offset + k * cs))[0] & L2E_OFFSET_MASK:
+                if k:
+                    await _store_locked(img, offset, streams[:k])
+                raise BlockError(errno.EIO, f"compressed write to guest offset "
+                                 f"{offset + k * cs:#x}: the cluster is already allocated "
+                                 "(compression cannot overwrite)", img.file.name)  # fmt: skip
+        await _store_locked(img, offset, streams)
+
+
+async def _store_locked(img: Qcow2Image, offset: int, streams: list[bytes]) -> None:
+    """Allocate, write and link compressed clusters. Called with the lock held; it is
+    dropped for the data writes while the guest clusters sit in ``img.inflight``."""
+    geo = img.geo
+    cs = geo.cluster_size
+    hosts = [await img.refcounts.alloc_bytes(len(data)) for data in streams]
+    groups = []  # one write per contiguous group
+    k = 0
+    while k < len(streams):
+        m, end = k + 1, hosts[k] + len(streams[k])
+        while m < len(streams) and hosts[m] == end:
+            end += len(streams[m])
+            m += 1
+        await img.check_overlap(hosts[k], end - hosts[k])
+        groups.append((hosts[k], streams[k] if m == k + 1 else b"".join(streams[k:m])))
+        k = m
+    owned = alloc.InFlight(offset, offset + len(streams) * cs)
+    img.inflight.append(owned)
+    try:
+        async with img.unlocked():  # a failure leaks the bytes (check -r leaks repairs)
+            for host, data in groups:
+                await img.file.event("write_compressed")
+                await img.file.pwrite(host, data)
         await img._link_dependency()
         for k, data in enumerate(streams):
             l2off, l2 = await img._l2_for_write(geo.offset_to_l1_index(offset + k * cs))
@@ -135,6 +165,9 @@ async def store(img: Qcow2Image, offset: int, streams: list[bytes]) -> None:
             img._set_entry(l2, idx, encode_compressed(hosts[k], len(data), geo.cluster_bits), 0)
             img.l2_cache.mark_dirty(l2off)
             await img._free_entry(old, old_bitmap)
+    finally:
+        img.inflight.remove(owned)
+        owned.done.set()
 
 
 async def read_cluster(img: Qcow2Image, entry: int) -> bytes:

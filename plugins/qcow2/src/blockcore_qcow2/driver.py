@@ -244,6 +244,8 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         # Autoclear bits we do not maintain must be cleared before writing.
         keep = image.header.autoclear_features & known
         run_co(bs, image.write_header(attrs.evolve(image.header, autoclear_features=keep)))
+    if header.version < 3:
+        bs.supported_zero_flags = 0  # no zero clusters: NO_FALLBACK can never work (QEMU)
     bs.backing_file = header.backing_file or ""
     bs.backing_format = header.backing_format or ""
     bs.opaque = Qcow2State(image, file, data)
@@ -257,6 +259,7 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
         await io.bdrv_co_preadv(bs.backing, offset, len(buf), buf)
 
     image.backing = read_backing
+    image.has_backing = lambda: bs.backing is not None
 
 
 def _cache_sizes(opt: dict[str, Any], header: Any, name: str) -> tuple[int, int]:

@@ -8,9 +8,10 @@ adapters, so the driver hooks stay thin and tests can run it on an in-memory fil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import attrs
 import zstandard
@@ -80,7 +81,12 @@ class Qcow2Image:
         cs = self.geo.cluster_size
         self.l2_cache = TableCache(file, cs, l2_cache_tables, "l2", "l2_load", "l2_update")
         self.lock = asyncio.Lock()
+        #: allocating writes between cluster allocation and L2 update (see :mod:`.alloc`)
+        self.inflight: list[alloc.InFlight] = []
         self.backing: BackingReader | None = None
+        #: whether the node has a backing file now (the driver's answer follows graph
+        #: changes; ``backing`` alone is always set under the driver and zero-fills)
+        self.has_backing: Callable[[], bool] = lambda: self.backing is not None
         self.lazy_refcounts = lazy_refcounts
         self.discard_request = discard_request
         self.discard_other = discard_other
@@ -295,7 +301,7 @@ class Qcow2Image:
         l1i = offset >> sh
         if (end - 1) >> sh != l1i:
             return None
-        zeros = -1 if not write and self.backing is None else None
+        zeros = -1 if not write and not self.has_backing() else None
         if l1i >= len(self.l1):
             return zeros
         e = self.l1[l1i]
@@ -380,7 +386,7 @@ class Qcow2Image:
             cluster = await compress.read_cluster(self, run.host)
             start = self.geo.offset_into_cluster(offset)
             piece[:] = cluster[start : start + len(piece)]
-        elif self.backing is not None:
+        elif self.backing is not None and self.has_backing():
             await self.file.event("read_backing_aio")
             await self.backing(offset, piece)
         else:
@@ -481,13 +487,35 @@ class Qcow2Image:
             await self.ensure_writable()
             await self.file.event("pwritev")
             pos, end = offset, offset + len(buf)
-            geo = self.geo
             while pos < end:
-                l1i = geo.offset_to_l1_index(pos)
-                stop = min(end, (l1i + 1) * geo.l1_entry_span())
-                l2off, l2 = await self._l2_for_write(l1i)
-                while pos < stop:
-                    pos = await self._write_some(l2off, l2, pos, stop, offset, buf)
+                pos = await self._write_step(pos, end, offset, buf)
+
+    @contextlib.asynccontextmanager
+    async def unlocked(self) -> AsyncIterator[None]:
+        """Drop the held lock for the body (qemu_co_mutex_unlock ... lock around I/O)."""
+        self.lock.release()
+        try:
+            yield
+        finally:
+            await self.lock.acquire()
+
+    async def _write_step(self, pos: int, end: int, offset: int, buf: memoryview) -> int:
+        """Write from guest ``pos`` within one L2 table, up to the first cluster another
+        allocating write owns (or wait for it when that is the first one); return where it
+        stopped (qcow2_alloc_host_offset's loop with handle_dependencies)."""
+        geo = self.geo
+        l1i = geo.offset_to_l1_index(pos)
+        stop = min(end, (l1i + 1) * geo.l1_entry_span())
+        if self.inflight:
+            cstart = geo.start_of_cluster(pos)
+            dep = alloc.first_overlap(self, cstart, stop)
+            if dep is not None:
+                if dep.start <= cstart:
+                    await alloc.wait_for(self, dep)
+                    return pos  # look again: the mapping has changed
+                stop = dep.start
+        l2off, l2 = await self._l2_for_write(l1i)
+        return await self._write_some(l2off, l2, pos, stop, offset, buf)
 
     def _inplace(self, entry: int) -> bool:
         return cluster_type(entry, self.geo) is CT.NORMAL and bool(entry & OFLAG_COPIED)
@@ -516,13 +544,14 @@ class Qcow2Image:
         data = buf[pos - offset : run_end - offset]
         if inplace:
             if geo.extended_l2:
-                await alloc.write_inplace_ext(self, l2off, l2, pos, data)
+                await alloc.write_inplace_ext(self, geo.offset_to_l1_index(pos), l2, pos, data)
             else:
                 await self.check_overlap(host0 + geo.offset_into_cluster(pos), len(data))
-                await self.file.event("write_aio")
-                await self.data.pwrite(host0 + geo.offset_into_cluster(pos), data)
+                async with self.unlocked():
+                    await self.file.event("write_aio")
+                    await self.data.pwrite(host0 + geo.offset_into_cluster(pos), data)
             return run_end
-        await alloc.write_alloc(self, l2off, l2, pos, data, n)
+        await alloc.write_alloc(self, geo.offset_to_l1_index(pos), l2, pos, data, n)
         return run_end
 
     def overlap(self, host: int, length: int, *, l2: bool = True) -> str | None:
