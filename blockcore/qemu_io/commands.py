@@ -473,19 +473,16 @@ def break_f(s: Session, argv: list[str]) -> int:
 
 
 def remove_break_f(s: Session, argv: list[str]) -> int:
-    ret = _debug(s, "bdrv_debug_remove_breakpoint", argv[1])
-    s.poll_once()  # a resumed request says so before any error, as in QEMU
+    ret = _debug(s, "bdrv_debug_remove_breakpoint", argv[1])  # says "Resuming" at once
     if ret < 0:
         out(f"Could not remove breakpoint {argv[1]}: {strerror(-ret)}\n")
     return ret
 
 
 def resume_f(s: Session, argv: list[str]) -> int:
-    ret = _debug(s, "bdrv_debug_resume", argv[1])
+    ret = _debug(s, "bdrv_debug_resume", argv[1])  # the request goes on at the next poll
     if ret < 0:
         out(f"Could not resume request: {strerror(-ret)}\n")
-    else:
-        s.poll_once()
     return ret
 
 

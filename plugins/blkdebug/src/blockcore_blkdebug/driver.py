@@ -484,11 +484,14 @@ async def bdrv_co_debug_event(bs: BlockDriverState, event: str) -> None:
         finally:
             if entry in st.suspended:  # cancelled while parked
                 st.suspended.remove(entry)
-        _say(f"blkdebug: Resuming request '{entry.tag}'")
 
 
 def _wake(st: BlkdebugState, entry: Suspended) -> None:
+    """Resume a parked request. QEMU enters the request's coroutine at once, which prints
+    its "Resuming" line and runs on to its next I/O; here the line is printed at once and the
+    request goes on at the loop's next turn (its I/O may complete without yielding)."""
     st.suspended.remove(entry)
+    _say(f"blkdebug: Resuming request '{entry.tag}'")
 
     def resolve() -> None:
         if not entry.future.done():
