@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from iotest_drivers import Env
@@ -43,3 +44,26 @@ def memdrv() -> Iterator[_Callable[..., _MemoryDriver]]:
     yield make
     for drv in made:
         drv.unregister()
+
+
+# -- blockcore-img run in-process (test_cli_img, test_cli_long_ops) --
+
+
+@pytest.fixture
+def run_img(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """``run_img(*args) -> (stdout, stderr, status)``: blockcore-img in-process, named qemu-img,
+    in ``tmp_path``."""
+    from blockcore.cliutil import set_prog_name
+    from blockcore.img import main
+
+    monkeypatch.chdir(tmp_path)
+    set_prog_name("qemu-img")
+
+    def go(*args: str) -> tuple[str, str, int]:
+        rc = main(["qemu-img", *args])
+        out, err = capsys.readouterr()
+        return out, err, rc
+
+    yield go
+    set_prog_name(None)

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from cli_golden import DATA_DIR, load_golden, normalise_disk_size
 
-from blockcore.cliutil import set_prog_name
-from blockcore.img import main
 from blockcore.img import output as fmt
 
 GOLDEN = {p.stem: load_golden(p) for p in DATA_DIR.glob("img-*.golden")}
@@ -202,36 +200,24 @@ def test_option_help_layout() -> None:
 
 
 # ---------------------------------------------------------------------------- in-process runs
-@pytest.fixture
-def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    monkeypatch.chdir(tmp_path)
-    set_prog_name("qemu-img")
-
-    def go(*args: str) -> tuple[str, str, int]:
-        rc = main(["qemu-img", *args])
-        out, err = capsys.readouterr()
-        return out, err, rc
-
-    yield go
-    set_prog_name(None)
 
 
-def test_create_info_map_convert_compare_raw(run) -> None:
-    assert run("create", "-f", "raw", "a.raw", "1M") == (
+def test_create_info_map_convert_compare_raw(run_img) -> None:
+    assert run_img("create", "-f", "raw", "a.raw", "1M") == (
         "Formatting 'a.raw', fmt=raw size=1048576\n", "", 0)
-    out, err, rc = run("info", "--output=json", "a.raw")
+    out, err, rc = run_img("info", "--output=json", "a.raw")
     assert rc == 0 and json.loads(out)["virtual-size"] == 1048576
     assert list(json.loads(out)) == ["virtual-size", "filename", "format", "actual-size",
                                      "dirty-flag"]
-    out, _, rc = run("map", "--output=json", "-f", "raw", "a.raw")
+    out, _, rc = run_img("map", "--output=json", "-f", "raw", "a.raw")
     assert rc == 0 and json.loads(out)[0]["start"] == 0
-    assert run("convert", "-f", "raw", "-O", "raw", "a.raw", "b.raw") == ("", "", 0)
-    assert run("compare", "-f", "raw", "-F", "raw", "a.raw", "b.raw") == (
+    assert run_img("convert", "-f", "raw", "-O", "raw", "a.raw", "b.raw") == ("", "", 0)
+    assert run_img("compare", "-f", "raw", "-F", "raw", "a.raw", "b.raw") == (
         "Images are identical.\n", "", 0)
-    assert run("check", "-f", "raw", "a.raw") == (
+    assert run_img("check", "-f", "raw", "a.raw") == (
         "", "qemu-img: This image format does not support checks\n", 63)
-    assert run("resize", "-f", "raw", "a.raw", "2M") == ("Image resized.\n", "", 0)
-    assert run("compare", "-f", "raw", "-F", "raw", "-s", "a.raw", "b.raw") == (
+    assert run_img("resize", "-f", "raw", "a.raw", "2M") == ("Image resized.\n", "", 0)
+    assert run_img("compare", "-f", "raw", "-F", "raw", "-s", "a.raw", "b.raw") == (
         "Strict mode: Image size mismatch!\n", "", 1)
 
 
@@ -253,26 +239,26 @@ def test_create_info_map_convert_compare_raw(run) -> None:
     (("map", "--output=xml", "x"), "qemu-img: --output must be used with human or json as "
                                    "argument.\n", 1),
 ])  # fmt: skip
-def test_bad_input_is_one_error_and_qemu_exit_code(run, args, err, rc) -> None:
-    assert run(*args) == ("", err, rc)
+def test_bad_input_is_one_error_and_qemu_exit_code(run_img, args, err, rc) -> None:
+    assert run_img(*args) == ("", err, rc)
 
 
-def test_qcow2_session(run) -> None:
+def test_qcow2_session(run_img) -> None:
     if not _have("qcow2"):
         pytest.skip("qcow2 driver not installed")
-    assert run("create", "-q", "-f", "raw", "base.raw", "1M")[2] == 0
-    out, err, rc = run("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2")
+    assert run_img("create", "-q", "-f", "raw", "base.raw", "1M")[2] == 0
+    out, err, rc = run_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2")
     assert rc == 0, err
     assert "size=1048576 backing_file=base.raw backing_fmt=raw" in out
-    out, _, rc = run("info", "ov.qcow2")
+    out, _, rc = run_img("info", "ov.qcow2")
     assert rc == 0 and "backing file: base.raw\nbacking file format: raw\n" in out
-    out, _, rc = run("check", "ov.qcow2")
+    out, _, rc = run_img("check", "ov.qcow2")
     assert rc == 0 and out.startswith("No errors were found on the image.\n")
-    out, _, rc = run("map", "--output=json", "ov.qcow2")
+    out, _, rc = run_img("map", "--output=json", "ov.qcow2")
     assert rc == 0 and json.loads(out)[0]["depth"] == 1
-    assert run("convert", "-O", "qcow2", "ov.qcow2", "flat.qcow2")[2] == 0
-    assert run("compare", "ov.qcow2", "flat.qcow2")[0] == "Images are identical.\n"
-    out, _, rc = run("measure", "--size", "1G", "-O", "qcow2")
+    assert run_img("convert", "-O", "qcow2", "ov.qcow2", "flat.qcow2")[2] == 0
+    assert run_img("compare", "ov.qcow2", "flat.qcow2")[0] == "Images are identical.\n"
+    out, _, rc = run_img("measure", "--size", "1G", "-O", "qcow2")
     assert rc == 0 and out.startswith("required size: ")
 
 
@@ -280,19 +266,19 @@ def test_disk_size_normaliser_is_applied() -> None:
     assert normalise_disk_size("disk size: 196 KiB\n") == "disk size: X\n"
 
 
-def test_missing_driver_names_its_package(run, tmp_path: Path) -> None:
-    out, err, rc = run("create", "-f", "vmdk", "x.vmdk", "1M")
+def test_missing_driver_names_its_package(run_img, tmp_path: Path) -> None:
+    out, err, rc = run_img("create", "-f", "vmdk", "x.vmdk", "1M")
     assert (out, rc) == ("", 1)
     assert err == ("qemu-img: x.vmdk: Unknown file format 'vmdk'\n"
                    "The 'vmdk' format needs the blockcore-vmdk distribution, which is not "
                    "installed.\n")
     (tmp_path / "fake.vdi").write_bytes(b"\0" * 0x40 + b"\x7f\x10\xda\xbe" + bytes(4096))
-    out, err, rc = run("info", "fake.vdi")
+    out, err, rc = run_img("info", "fake.vdi")
     assert rc == 0 and "file format: raw\n" in out
     assert "looks like a vdi image" in err and "blockcore-vdi" in err
 
 
-def test_commit_writes_the_tops_zero_clusters_as_zeroes(run, tmp_path: Path) -> None:
+def test_commit_writes_the_tops_zero_clusters_as_zeroes(run_img, tmp_path: Path) -> None:
     """QEMU's commit (a mirror job) zero-writes what the top holds as zeroes, so a raw base
     gets a hole there instead of 64 KiB of zero data (img-rebase-commit golden)."""
     if not _have("qcow2"):
@@ -300,19 +286,19 @@ def test_commit_writes_the_tops_zero_clusters_as_zeroes(run, tmp_path: Path) -> 
     from blockcore import BlockBackend, OpenFlags
 
     k64 = 64 * 1024
-    assert run("create", "-q", "-f", "raw", "b.raw", "1M")[2] == 0
+    assert run_img("create", "-q", "-f", "raw", "b.raw", "1M")[2] == 0
     with BlockBackend.open("b.raw", {"driver": "raw"}, OpenFlags.RDWR) as blk:
         blk.pwrite(0, b"\1" * k64)
         blk.pwrite(2 * k64, b"\3" * k64)
-    assert run("create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "t.qcow2")[2] == 0
+    assert run_img("create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "t.qcow2")[2] == 0
     with BlockBackend.open("t.qcow2", None, OpenFlags.RDWR) as blk:
         blk.pwrite(k64, b"\2" * k64)
         blk.pwrite_zeroes(2 * k64, k64)  # a zero cluster over the base's data
-    assert run("commit", "t.qcow2") == ("Image committed.\n", "", 0)
+    assert run_img("commit", "t.qcow2") == ("Image committed.\n", "", 0)
 
     base = (tmp_path / "b.raw").read_bytes()
     assert base[:3 * k64] == b"\1" * k64 + b"\2" * k64 + bytes(k64)
-    out, _, rc = run("map", "--output=json", "-f", "raw", "b.raw")
+    out, _, rc = run_img("map", "--output=json", "-f", "raw", "b.raw")
     assert rc == 0
     assert [(e["start"], e["length"], e["data"]) for e in json.loads(out)] == [
         (0, 2 * k64, True), (2 * k64, (1 << 20) - 2 * k64, False)]
