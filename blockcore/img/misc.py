@@ -236,7 +236,7 @@ def img_bitmap(argv: list[str]) -> int:
     try:
         src_bs = blk.bs
         if src_filename:
-            src_blk = img_open(src_filename, src_fmt, OpenFlags.NONE)
+            src_blk = img_open(src_filename, src_fmt, OpenFlags.NO_BACKING)  # as qemu-img
             src_bs = src_blk.bs
         for act, arg in actions:
             try:

@@ -547,6 +547,10 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-img measure -O qcow2 bm.qcow2"),
         (C, "qemu-img measure --output=json -O qcow2 bm.qcow2"),
         (C, "qemu-img check bm.qcow2"),
+        q("qemu-img create -f qcow2 -b bm.qcow2 -F qcow2 ov.qcow2"),
+        q("qemu-img bitmap --add ov.qcow2 ob"),
+        (C, "qemu-img bitmap --merge ob -b ov.qcow2 -F qcow2 bm.qcow2 b2"),
+        (C, "qemu-img check bm.qcow2"),
     ],
     # ---------------------------------------------------------------- qemu-io
     "io-rw": [
