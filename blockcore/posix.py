@@ -18,9 +18,11 @@ reads. Elsewhere (ext4 and tmpfs answer ``EOPNOTSUPP``; tried once per fd) a wri
 :data:`INLINE_WRITE_MAX` bytes is copied into the page cache inline, because a pool hop costs
 more than the copy: 1 MiB writes at depth 16 went from 0.62 to 0.83 of qemu-img bench's speed,
 and a qcow2 -> raw convert from 0.61 to 1.0. Nothing can tell in advance that the kernel will
-make a writer wait (dirty-page throttling, block allocation): an inline write that takes much
-longer than a memory copy would (:func:`_stalled`) sends this fd's writes to the pool for
-:data:`INLINE_BACKOFF` seconds, so the event loop stalls at most once per back-off period.
+make a writer wait (dirty-page throttling, block allocation): a second inline write within
+:data:`INLINE_BACKOFF` seconds that takes much longer than a memory copy would
+(:func:`_stalled`) sends this fd's writes to the pool for that long, so the event loop stalls
+at most twice per back-off period. One stall alone does not (the first writes into space a
+deleted file just freed took 28 ms here, and a convert then ran 4x slower in the pool).
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ class PosixEngine:
     through a bounce buffer (offsets and lengths must be aligned by the caller).
     """
 
-    __slots__ = ("_flush_error", "_pool_writes_until", "direct", "fd", "filename", "inline",
+    __slots__ = ("_flush_error", "_last_stall", "_pool_writes_until", "direct", "fd",
+                 "filename", "inline",
                  "nowait_read", "nowait_write")  # fmt: skip
 
     def __init__(self, fd: int, filename: str, *, direct: bool = False) -> None:
@@ -188,6 +191,7 @@ class PosixEngine:
         self.nowait_read = self.nowait_write = bool(_RWF_NOWAIT) and not direct and not self.inline
         self._flush_error: OSError | None = None
         self._pool_writes_until = 0.0  # monotonic time until which writes skip the inline path
+        self._last_stall = -INLINE_BACKOFF  # when an inline write last stalled
 
     async def preadv(self, buf: memoryview, offset: int) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf``, zero-filling past EOF. Tier: I/O.
@@ -253,8 +257,10 @@ class PosixEngine:
                 if start >= self._pool_writes_until:
                     _pwrite_full(fd, buf, offset)
                     took = time.monotonic() - start
-                    if _stalled(took, len(buf)):
-                        self._pool_writes_until = start + took + INLINE_BACKOFF
+                    if _stalled(took, len(buf)):  # a second stall within the back-off period:
+                        if start - self._last_stall < INLINE_BACKOFF:  # the kernel throttles
+                            self._pool_writes_until = start + took + INLINE_BACKOFF
+                        self._last_stall = start
                     return
             if self.direct:
                 await run_blocking(_direct_io, True, fd, buf, offset)

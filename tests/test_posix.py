@@ -167,16 +167,17 @@ def test_buffered_write_never_uses_pool(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_stalled_inline_write_sends_writes_to_pool(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kernel stall (dirty-page throttling) cannot be provoked on demand, so the first write
-    is slowed by a sleep: the next writes go to the pool until the back-off ends."""
+    """A kernel stall (dirty-page throttling) cannot be provoked on demand, so writes are
+    slowed by a sleep: one stall is forgiven, a second within the back-off period sends the
+    next writes to the pool until the back-off ends."""
     fd = make_file(tmp_path / "a.img", MiB)
     eng = posix.PosixEngine(fd, "a.img")
     eng.nowait_write = False  # as on ext4/tmpfs, whatever this filesystem is
     eng.inline = False
-    monkeypatch.setattr(posix, "INLINE_BACKOFF", 0.3)
+    monkeypatch.setattr(posix, "INLINE_BACKOFF", 0.5)
     sent = _pool_spy(monkeypatch)
     real = posix._pwrite_full
-    slow = [True]
+    slow = [False, True, False, True]  # popped from the end: slow, fast, slow, fast
 
     def pwrite(fd_: int, buf: memoryview, offset: int) -> None:
         if slow.pop() if slow else False:
@@ -184,14 +185,18 @@ def test_stalled_inline_write_sends_writes_to_pool(tmp_path: Path,
         real(fd_, buf, offset)
 
     monkeypatch.setattr(posix, "_pwrite_full", pwrite)
-    run(eng.pwritev(memoryview(b"a" * 4096), 0))
-    assert sent == []  # the slow write itself ran inline
+    run(eng.pwritev(memoryview(b"a" * 4096), 0))  # stalls: forgiven
     run(eng.pwritev(memoryview(b"b" * 4096), 4096))
+    assert sent == []
+    run(eng.pwritev(memoryview(b"c" * 4096), 8192))  # stalls again: back off
+    assert sent == []  # the slow write itself ran inline
+    run(eng.pwritev(memoryview(b"d" * 4096), 12288))
     assert sent == ["pwrite"]
-    time.sleep(0.4)
-    run(eng.pwritev(memoryview(b"c" * 4096), 8192))
+    time.sleep(0.6)
+    run(eng.pwritev(memoryview(b"e" * 4096), 16384))
     assert sent == ["pwrite"]  # back inline after the back-off
-    assert os.pread(fd, 3 * 4096, 0) == b"a" * 4096 + b"b" * 4096 + b"c" * 4096
+    assert os.pread(fd, 5 * 4096, 0) == b"".join(c * 4096 for c in (b"a", b"b", b"c", b"d",
+                                                                    b"e"))
     os.close(fd)
 
 
