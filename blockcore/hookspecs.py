@@ -671,6 +671,22 @@ def bdrv_snapshot_delete(bs: BlockDriverState, snapshot_id: str | None, name: st
 
 
 @hookspec
+def bdrv_snapshot_load_tmp(bs: BlockDriverState, snapshot_id: str | None,
+                           name: str | None) -> None:  # fmt: skip
+    """Show the node as it was in the snapshot matching ``snapshot_id`` and/or ``name``
+    (both must match when both are given), until it is closed; nothing is written.
+
+    Tier: GS. The node is read-only (the core checks) and drained.
+
+    :raises BlockError: ENOENT "Can't find snapshot" when none matches.
+
+    Optional. If not implemented, temporary loading is refused with ENOTSUP.
+
+    .. versionadded:: 0.3
+    """
+
+
+@hookspec
 def bdrv_snapshot_list(bs: BlockDriverState) -> list[dict[str, Any]]:
     """Return the node's internal snapshots as QAPI ``SnapshotInfo`` dicts, in table order.
 

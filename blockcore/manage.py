@@ -9,11 +9,13 @@ below it), drains it, and calls the driver. Where no driver below has the hook t
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
-from .errors import NotSupportedError
+from .errors import BlockError, NoMediumError, NotSupportedError
 from .graph import bdrv_primary_child
 from .tiers import Tier, api, global_state_code
+from .types import OpenFlags
 
 if TYPE_CHECKING:
     from .graph import BlockDriverState
@@ -96,6 +98,42 @@ def bdrv_snapshot_delete(bs: BlockDriverState, snapshot_id: str | None, name: st
     """Delete a snapshot by id and/or name. Tier: GS."""
     global_state_code("bdrv_snapshot_delete")
     _call(bs, "bdrv_snapshot_delete", "snapshots", snapshot_id, name)
+
+
+@api(Tier.GS)
+def bdrv_snapshot_load_tmp(bs: BlockDriverState, snapshot_id: str | None,
+                           name: str | None) -> None:  # fmt: skip
+    """Show the read-only node as it was in a snapshot (by id and/or name) until it is
+    closed, as ``qemu-img convert -l`` and ``measure -l`` do. Tier: GS.
+
+    :raises BlockError: EINVAL without id and name or on a writable node, ENOENT when no
+        snapshot matches; :class:`NotSupportedError` when the format cannot.
+    """
+    global_state_code("bdrv_snapshot_load_tmp")
+    where = bs.filename or bs.node_name
+    if bs.drv is None:
+        raise NoMediumError(f"Device '{bs.node_name}' has no medium", where)
+    if snapshot_id is None and name is None:
+        raise BlockError(errno.EINVAL, "snapshot_id and name are both NULL", where)
+    if bs.open_flags & OpenFlags.RDWR:
+        raise BlockError(errno.EINVAL, "Device is not readonly", where)
+    if bdrv_find_hook_node(bs, "bdrv_snapshot_load_tmp") is None:
+        raise NotSupportedError(f"Block format '{bs.drv.name}' used by device '' does not "
+                                "support temporarily loading internal snapshots", where)
+    _call(bs, "bdrv_snapshot_load_tmp", "snapshots", snapshot_id, name)
+
+
+@api(Tier.GS)
+def bdrv_snapshot_load_tmp_by_id_or_name(bs: BlockDriverState, id_or_name: str) -> None:
+    """:func:`bdrv_snapshot_load_tmp` by id, else by name (``convert -s``/``-l NAME``).
+    Tier: GS."""
+    global_state_code("bdrv_snapshot_load_tmp_by_id_or_name")
+    try:
+        bdrv_snapshot_load_tmp(bs, id_or_name, None)
+    except BlockError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EINVAL):
+            raise
+        bdrv_snapshot_load_tmp(bs, None, id_or_name)
 
 
 @api(Tier.GS)

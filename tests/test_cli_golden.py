@@ -65,10 +65,6 @@ DRIVER_DIFFERENCES: dict[tuple[str, int], Difference] = {
         "blockcore-qcow2's snapshot create/apply/delete switch to a new L1, refcount and "
         "snapshot table with one header write instead of updating in place as QEMU does, so "
         "the file (and the image end offset check reports) is laid out differently"),
-    ("img-measure", 31): Difference(
-        "qemu-img measure -O qcow2 -l snap a.qcow2",
-        "no blockcore driver loads an internal snapshot temporarily (bdrv_snapshot_load_tmp), "
-        "so measure/convert -l of an existing snapshot fail"),
 }
 
 #: Steps that hang with blockcore (not run, so they fail; their DRIVER_DIFFERENCES entry says

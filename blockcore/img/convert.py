@@ -45,6 +45,7 @@ from .common import (
 )
 from .create import accumulate_options
 from .createopts import CreateOpts
+from .snapshot import SnapshotRef, load_snapshot_tmp
 
 __all__ = ["img_convert", "is_allocated_sectors", "is_allocated_sectors_min"]
 
@@ -541,7 +542,7 @@ def img_convert(argv: list[str]) -> int:
         elif c == "o":
             options = accumulate_options(options, arg or "")
         elif c == "l":
-            snapshot_name = arg
+            snapshot_name = SnapshotRef.parse(arg or "")
         elif c == "S":
             sval = cvtnum("buffer size for sparse output", arg or "")
             if sval % SECTOR or sval // SECTOR > MAX_BUF_SECTORS:
@@ -693,7 +694,8 @@ def _convert(s: ConvertState, sources: list[str], out_filename: str, fmt: str | 
              out_fmt: str | None, out_baseimg: str | None, backing_fmt: str | None,
              options: str | None, cache: str, src_flags: OpenFlags, image_opts: bool,
              tgt_image_opts: bool, skip_create: bool, force_share: bool,
-             snapshot_name: str | None, bitmaps: bool, skip_broken: bool = False) -> None:
+             snapshot_name: SnapshotRef | None, bitmaps: bool, skip_broken: bool = False
+             ) -> None:  # fmt: skip
     from ..io import bdrv_nb_sectors
 
     for name in sources:
@@ -707,7 +709,9 @@ def _convert(s: ConvertState, sources: list[str], out_filename: str, fmt: str | 
         s.src_sectors.append(sectors)
         s.total_sectors += sectors
     if snapshot_name is not None:
-        raise CliError(f"Failed to load snapshot: snapshot '{snapshot_name}' not found")
+        if len(s.src) > 1:
+            raise CliError("No support for concatenating multiple snapshot")
+        load_snapshot_tmp(s.src[0].bs, snapshot_name)
     opts: CreateOpts | None = None
     if not skip_create:
         from ..errors import DriverNotFoundError

@@ -109,8 +109,9 @@ def img_measure(argv: list[str]) -> int:
         if snapshot is not None:
             try:
                 load_snapshot_tmp(in_blk.bs, snapshot)
-            finally:
+            except BaseException:
                 in_blk.close()
+                raise
     try:
         return _measure(out_fmt, options, img_size, in_blk, output_format)
     finally:

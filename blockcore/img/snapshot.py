@@ -138,15 +138,12 @@ class SnapshotRef:
 
 
 def load_snapshot_tmp(bs: Any, ref: SnapshotRef) -> None:
-    """``bdrv_snapshot_load_tmp``: show ``bs`` as it was in a snapshot, read-only.
-
-    No blockcore driver can do that yet, so this gives QEMU's errors ("Can't find snapshot",
-    and for a snapshot that exists the one QEMU gives for a format without the feature)."""
-    unsupported = CliError(
-        f"Failed to load snapshot: Block format '{bs.drv.name}' used by device '' does not "
-        "support temporarily loading internal snapshots")
-    if manage.bdrv_find_hook_node(bs, "bdrv_snapshot_list") is None:
-        raise unsupported
-    if not any(ref.matches(sn) for sn in manage.bdrv_snapshot_list(bs)):
-        raise CliError("Failed to load snapshot: Can't find snapshot")
-    raise unsupported
+    """``bdrv_snapshot_load_tmp`` (``-l``) or its by-id-or-name form, with qemu-img's
+    "Failed to load snapshot: " prefix on errors."""
+    try:
+        if ref.id_or_name is not None:
+            manage.bdrv_snapshot_load_tmp_by_id_or_name(bs, ref.id_or_name)
+        else:
+            manage.bdrv_snapshot_load_tmp(bs, ref.id, ref.name)
+    except OSError as exc:
+        raise CliError(f"Failed to load snapshot: {exc.strerror}") from None

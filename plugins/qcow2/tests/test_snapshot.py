@@ -383,3 +383,37 @@ def test_vmstate_is_saved_with_a_snapshot(tmp_path: Path) -> None:
                                "read -b -P 0x11 0 64k", str(img)], capture_output=True,
                               text=True, check=True)  # fmt: skip
         assert "Pattern verification failed" not in proc.stdout + proc.stderr
+
+
+@requires_qemu
+def test_load_tmp_reads_the_snapshot_and_refuses_what_qemu_refuses(tmp_path: Path) -> None:
+    """bdrv_snapshot_load_tmp (convert/measure -l): the read-only node reads as the snapshot,
+    byte for byte what qemu-img convert -l gives; QEMU's errors otherwise."""
+    import errno
+
+    from blockcore import BlockBackend, BlockError, NotSupportedError, OpenFlags
+    from blockcore.manage import bdrv_snapshot_load_tmp, bdrv_snapshot_load_tmp_by_id_or_name
+
+    img = create(tmp_path / "t.qcow2", "4M")
+    qemu_io(img, "write -P 0x21 0 64k", "write -P 0x22 1M 64k")
+    qemu_img("snapshot", "-c", "s1", str(img))
+    qemu_io(img, "write -P 0x44 0 4k", "write -z 1M 64k")
+    expected = tmp_path / "s1.raw"
+    qemu_img("convert", "-l", "s1", "-O", "raw", str(img), str(expected))
+    with BlockBackend.open(str(img), {"driver": "qcow2"}, OpenFlags.NONE) as blk:
+        with pytest.raises(BlockError) as info_:
+            bdrv_snapshot_load_tmp(blk.bs, "9", None)
+        assert (info_.value.errno, info_.value.strerror) == (errno.ENOENT, "Can't find snapshot")
+        with pytest.raises(BlockError, match="both NULL"):
+            bdrv_snapshot_load_tmp(blk.bs, None, None)
+        bdrv_snapshot_load_tmp_by_id_or_name(blk.bs, "s1")  # not an id: found by name
+        assert blk.pread(0, 4 * 1024 * 1024) == expected.read_bytes()
+    with BlockBackend.open(str(img), {"driver": "qcow2"}, OpenFlags.RDWR) as blk:
+        with pytest.raises(BlockError, match="Device is not readonly"):
+            bdrv_snapshot_load_tmp(blk.bs, "1", None)
+        assert blk.pread(0, 4096) == b"\x44" * 4096  # the active state, untouched
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(4096))
+    with BlockBackend.open(str(raw), {"driver": "raw"}, OpenFlags.NONE) as blk, \
+            pytest.raises(NotSupportedError, match="does not support temporarily loading"):
+        bdrv_snapshot_load_tmp(blk.bs, "1", None)

@@ -350,6 +350,33 @@ SCENARIOS: dict[str, list[tuple[str, str]]] = {
         (C, "qemu-io -f raw -c 'read 0 4k' 'json:{\"driver\":\"raw\",\"file\":{\"driver\":"
             "\"file\",\"filename\":\"base.raw\",\"aio\":\"bogus\"}}'"),
     ],
+    # ---------------------------------------------------------------- snapshots loaded read-only
+    "img-snapshot-load": [
+        q("qemu-img create -f raw base.raw 4M"),
+        q("qemu-img create -f qcow2 a.qcow2 4M"),
+        q("qemu-io -c 'write -P 0x21 0 64k' -c 'write -P 0x22 1M 64k' a.qcow2"),
+        q("qemu-img snapshot -c s1 a.qcow2"),
+        q("qemu-io -c 'write -P 0x44 0 4k' -c 'write -z 1M 64k' a.qcow2"),
+        q("qemu-img snapshot -c s2 a.qcow2"),
+        q("qemu-img resize a.qcow2 8M"),
+        q("qemu-io -c 'write -P 0x55 6M 4k' a.qcow2"),
+        (C, "qemu-img convert -l s1 -O raw a.qcow2 s1.raw"),
+        (C, "qemu-img map --output=json s1.raw"),
+        (C, "qemu-io -f raw -c 'read -P 0x21 0 64k' -c 'read -P 0x22 1M 64k' s1.raw"),
+        (C, "qemu-img convert -l snapshot.name=s2 -O qcow2 a.qcow2 s2.qcow2"),
+        (C, "qemu-img map --output=json s2.qcow2"),
+        (C, "qemu-img info s2.qcow2 | grep virtual"),
+        (C, "qemu-img convert -l snapshot.id=1 -O raw a.qcow2 id1.raw"),
+        (C, "qemu-img compare -f raw -F raw id1.raw s1.raw"),
+        (C, "qemu-img convert -l snapshot.id=2,snapshot.name=s1 -O raw a.qcow2 x.raw"),
+        (C, "qemu-img convert -l nope -O raw a.qcow2 x.raw"),
+        (C, "qemu-img convert -l snapshot.bogus=1 -O raw a.qcow2 x.raw"),
+        (C, "qemu-img convert -l s1 -O raw base.raw x.raw"),
+        (C, "qemu-img convert -l s1 -O raw a.qcow2 a.qcow2 x.raw"),
+        (C, "qemu-img measure -O qcow2 -l s1 a.qcow2"),
+        (C, "qemu-img measure -O qcow2 -l snapshot.name=s2 a.qcow2"),
+        (C, "qemu-img check a.qcow2"),
+    ],
     # ---------------------------------------------------------------- qemu-img resize
     "img-resize": [
         q("qemu-img create -f qcow2 a.qcow2 64M"),

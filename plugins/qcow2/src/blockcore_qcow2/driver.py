@@ -708,6 +708,13 @@ def bdrv_snapshot_delete(bs: Any, snapshot_id: str | None, name: str | None) -> 
 
 
 @hookimpl
+def bdrv_snapshot_load_tmp(bs: Any, snapshot_id: str | None, name: str | None) -> None:
+    from . import snapshot
+
+    run_co(bs, snapshot.load_tmp(bs.opaque.image, snapshot_id, name))
+
+
+@hookimpl
 def bdrv_snapshot_list(bs: Any) -> list[dict[str, Any]]:
     from . import snapshot
 

@@ -260,6 +260,18 @@ async def goto(img: Qcow2Image, id_or_name: str) -> int:
         return size
 
 
+async def load_tmp(img: Qcow2Image, snapshot_id: str | None, name: str | None) -> None:
+    """Read through the snapshot's L1 table from now on (qcow2_snapshot_load_tmp): the
+    image is read-only, so nothing else changes; the virtual size stays the active one."""
+    assert img.read_only
+    snapshots = await read_snapshots(img)
+    i = find_snapshot(snapshots, snapshot_id, name)
+    if i < 0:
+        raise BlockError(errno.ENOENT, "Can't find snapshot", img.file.name)
+    sn = snapshots[i]
+    img.l1 = await _read_l1(img, sn.l1_table_offset, sn.l1_size)
+
+
 async def delete(img: Qcow2Image, snapshot_id: str | None, name: str | None) -> None:
     """Remove the snapshot matching ``snapshot_id`` and/or ``name``."""
     async with img.lock:
