@@ -183,6 +183,11 @@ def _open_node(
     if isinstance(options.get("filename"), str):
         bs.filename = options["filename"]
     try:
+        if flags & OpenFlags.COPY_ON_READ:  # as bdrv_open_common, before the driver opens
+            if not flags & OpenFlags.RDWR:
+                raise BlockError(errno.EINVAL, "Can't use copy-on-read on read-only device",
+                                 bs.filename or bs.node_name)  # fmt: skip
+            bs.copy_on_read += 1
         backing_ref = options.pop("backing", "") if desc.supports_backing else ""
         if drv.bdrv_open is not None:  # type: ignore[attr-defined]
             try:

@@ -361,3 +361,21 @@ def test_allow_write_beyond_eof(memdrv) -> None:
         blk.allow_write_beyond_eof = True
         blk.pwrite(4096, b"more")
         assert blk.getlength() == 4608 and blk.pread(4096, 4) == b"more"
+
+
+def test_copy_on_read_open_flag(memdrv) -> None:
+    """OpenFlags.COPY_ON_READ turns copy-on-read on for the opened node, as QEMU's
+    bdrv_open_common; a read-only node refuses it and leaves no node behind."""
+    import errno
+
+    drv = memdrv()
+    bs = blockcore.bdrv_open(None, {"driver": drv.name, "size": "64K", "node-name": "cor0"},
+                             OpenFlags.RDWR | OpenFlags.COPY_ON_READ)  # fmt: skip
+    assert bs.copy_on_read == 1
+    blockcore.bdrv_unref(bs)
+    with pytest.raises(blockcore.BlockError) as info:
+        blockcore.bdrv_open(None, {"driver": drv.name, "size": "64K", "node-name": "cor1"},
+                            OpenFlags.COPY_ON_READ)  # fmt: skip
+    assert info.value.errno == errno.EINVAL
+    assert "Can't use copy-on-read on read-only device" in str(info.value)
+    assert bdrv_find_node("cor1") is None

@@ -146,17 +146,6 @@ class Session:
             msg, hint = describe_error(exc)
             error_report(f"can't open{where}: {msg}", hint)
             return 1
-        if flags & OpenFlags.COPY_ON_READ:
-            # QEMU's bdrv_open_common does this for BDRV_O_COPY_ON_READ; blockcore's open
-            # leaves the flag to its caller
-            if not flags & OpenFlags.RDWR:
-                self.blk.close()
-                self.blk = None
-                error_report(f"can't open{where}: Can't use copy-on-read on read-only device")
-                return 1
-            from ..info import bdrv_enable_copy_on_read
-
-            bdrv_enable_copy_on_read(self.blk.bs)
         self.writethrough = writethrough
         self.open_args = (filename, opts, flags)
         warn_probed_raw(self.blk.bs, flags)
