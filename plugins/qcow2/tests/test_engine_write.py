@@ -213,3 +213,44 @@ def test_check_finds_leaks_and_repairs(tmp_path: Path) -> None:
     assert result.leaks_fixed == 1
     mem.save(path)
     assert qemu_img("check", str(path), check=False).returncode == 0
+
+
+def test_cancel_while_retaking_the_lock_after_data_io(tmp_path: Path) -> None:
+    """An allocating write cancelled while it waits to take the image lock back after its
+    data write still unwinds under the lock: its clusters are given back, the lock and the
+    in-flight list are left clean, and later writes and qemu-img check are fine."""
+    mem = new_image()
+    gate = asyncio.Event()
+    at_data = asyncio.Event()
+    real_event = mem.event
+
+    async def event(name: str) -> None:
+        await real_event(name)
+        if name == "write_aio" and not gate.is_set():
+            at_data.set()
+            await gate.wait()
+
+    mem.event = event  # type: ignore[method-assign]
+
+    async def go() -> None:
+        img = await Qcow2Image.open(mem, read_only=False)
+        writer = asyncio.ensure_future(img.write(0, memoryview(b"\x11" * 65536)))
+        await at_data.wait()  # the writer dropped the lock for its data write
+        await img.lock.acquire()  # so it will have to wait to take it back
+        gate.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        writer.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        img.lock.release()
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        assert not img.lock.locked() and img.inflight == []
+        await img.write(65536, memoryview(b"\x22" * 4096))
+        await img.close()
+
+    asyncio.run(go())
+    mem.save(tmp_path / "c.qcow2")
+    result = qcheck(tmp_path / "c.qcow2")
+    assert result.get("corruptions", 0) == 0

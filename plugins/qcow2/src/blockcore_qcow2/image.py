@@ -501,12 +501,24 @@ class Qcow2Image:
 
     @contextlib.asynccontextmanager
     async def unlocked(self) -> AsyncIterator[None]:
-        """Drop the held lock for the body (qemu_co_mutex_unlock ... lock around I/O)."""
+        """Drop the held lock for the body (qemu_co_mutex_unlock ... lock around I/O).
+
+        The lock is always held again on the way out, even when the task is cancelled while
+        it waits for it (the caller's metadata work and its ``async with`` need it); the
+        cancellation is raised once it is."""
         self.lock.release()
         try:
             yield
         finally:
-            await self.lock.acquire()
+            cancelled = False
+            while True:
+                try:
+                    await self.lock.acquire()
+                    break
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled:
+                raise asyncio.CancelledError
 
     async def _write_step(self, pos: int, end: int, offset: int, buf: memoryview) -> int:
         """Write from guest ``pos`` within one L2 table, up to the first cluster another
