@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from blockcore.drivers import bdrv_find_format
-from blockcore.img.convert import RateLimit
+from blockcore.img.convert_copy import RateLimit
 
 HAVE_QEMU = shutil.which("qemu-img") is not None
 MiB = 1 << 20
