@@ -311,9 +311,10 @@ class Qcow2Image:
         if (end - 1) >> sh != l1i:
             return None
         zeros = -1 if not write and not self.has_backing() else None
-        if l1i >= len(self.l1):
+        l1 = self._l1
+        if l1i >= len(l1):
             return zeros
-        e = self.l1[l1i]
+        e = l1[l1i]
         l2off = e & L1E_OFFSET_MASK
         if e & L1E_RESERVED_MASK or not l2off:
             return None if e & L1E_RESERVED_MASK else zeros
@@ -352,8 +353,9 @@ class Qcow2Image:
         cb = self._cb
         if self._fast and not (offset ^ (offset + len(buf) - 1)) >> cb:
             l1i = offset >> self._l1_shift
-            if l1i < len(self.l1):
-                e = self.l1[l1i]
+            l1 = self._l1  # the attribute behind the property: one call less per request
+            if l1i < len(l1):
+                e = l1[l1i]
                 l2off = e & L1E_OFFSET_MASK
                 table = self._l2_tables.get(l2off)
                 if table is not None and not e & L1E_RESERVED_MASK:
