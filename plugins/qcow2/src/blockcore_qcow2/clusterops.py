@@ -106,6 +106,7 @@ async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: b
     cs = geo.cluster_size
     ss = geo.subcluster_size
     v3 = img.header.version >= 3
+    punch: list[int] = []
     pos, end = offset, offset + length
     while pos < end:
         l1i = geo.offset_to_l1_index(pos)
@@ -153,20 +154,10 @@ async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: b
                 img._set_entry(l2, idx, new_entry, new_bitmap)
                 img.l2_cache.mark_dirty(l2off)
                 if not keep:
-                    if discard and img.discard_request and ctype is CT.NORMAL \
-                            and not img.has_data_file:  # fmt: skip
-                        host = entry & L2E_OFFSET_MASK
-                        await img._free_entry(entry, bitmap)
-                        if await img.refcounts.get(host >> geo.cluster_bits) == 0:
-                            await img.flush_metadata()
-                            try:
-                                await img.file.discard(host, cs)
-                            except OSError:
-                                pass
-                    else:
-                        await img._free_entry(entry, bitmap)
+                    # guest discards and zero writes free as QCOW2_DISCARD_REQUEST
+                    await img._free_entry(entry, bitmap, punch)
             pos = cend
-
+    await img.punch_freed(punch)
 
 
 async def truncate(img: Qcow2Image, size: int, prealloc: str = "off") -> None:
