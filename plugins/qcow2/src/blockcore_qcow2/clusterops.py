@@ -138,7 +138,9 @@ async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: b
                 continue
             keep = ctype is CT.NORMAL and not unmap and not img.has_data_file
             keep = keep or ctype is CT.ZERO_ALLOC and not unmap
-            keep = keep or (img.has_data_file and ctype is CT.NORMAL)
+            # a data file cluster keeps its offset on a zero write; a discard drops it
+            # (discard_in_l2_slice), and the data file range is discarded
+            keep = keep or (img.has_data_file and ctype is CT.NORMAL and not discard)
             keep = keep and v3  # v2 has no zero flag: zeroing discards (QEMU's zeroize)
             if discard and not (v3 and (img.has_backing() or ctype is not CT.UNALLOCATED)):
                 new_entry, new_bitmap = 0, 0  # v2, or nothing to hide: unallocated

@@ -471,7 +471,17 @@ class Qcow2Image:
             first, end = coff // cs * cs, coff + csize
         else:
             host = entry & L2E_OFFSET_MASK
-            if not host or self.has_data_file or ctype not in (CT.NORMAL, CT.ZERO_ALLOC):
+            if self.has_data_file:
+                # no refcounts in a data file: the range is discarded there at once when
+                # its discard type passes down (qcow2_free_any_cluster)
+                passdown = self.discard_other if punch is None else self.discard_request
+                if passdown and ctype in (CT.NORMAL, CT.ZERO_ALLOC):
+                    try:
+                        await self.data.discard(host, cs)
+                    except OSError:
+                        pass  # advisory
+                return
+            if not host or ctype not in (CT.NORMAL, CT.ZERO_ALLOC):
                 return
             await self._free_dependency()
             await self.file.event("cluster_free")
