@@ -58,7 +58,7 @@ class Refcounts:
         self.table = table  # a VersionedList (see the property)
         self.table_clusters = table_clusters
         self.cache = TableCache(file, self.cluster_size, cache_capacity, "refcount",
-                                "refblock_load", "refblock_update")  # fmt: skip
+                                "refblock_load", "refblock_update_part")  # fmt: skip
         self.free_cluster_index = 0
         self.free_byte_offset = 0
         #: Called with (offset, clusters) after the table moved; it rewrites the header.
@@ -140,7 +140,6 @@ class Refcounts:
             return
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
-        await self.file.event("refblock_update_part")
         for ci in range(first, last + 1):
             value = await self.get(ci) + addend
             if value < 0 or value > self.max_refcount:
