@@ -450,8 +450,10 @@ class QCowHeader:
             table = keep.get(ExtType.FEATURE_TABLE) or feature_table_extension()
             used = self.header_length + sum(len(e.pack()) for e in out + rest) + 8
             used += len((self.backing_file or "").encode("utf-8", "surrogateescape"))
-            # The table is optional: like qemu-img, leave it out when cluster 0 is too small.
-            if used + len(table.pack()) < self.cluster_size:
+            # The table is optional: like qemu-img 7.2, leave it out with clusters of 4 KiB
+            # or less (observed for create, snapshot, bitmap and amend) and when cluster 0
+            # is too small.
+            if self.cluster_size > 4096 and used + len(table.pack()) < self.cluster_size:
                 out.append(table)
         return attrs.evolve(self, extensions=tuple(out + rest))
 
