@@ -38,7 +38,7 @@ from .resize import bdrv_co_truncate
 from .special import BlockAIOCB
 from .tiers import Tier, api, global_state_code
 from .types import BdrvRequestFlags, ChildRole, OpenFlags, Perm, PreallocMode
-from .zero import bdrv_co_pdiscard, bdrv_co_pwrite_zeroes
+from .zero import bdrv_co_pdiscard
 
 __all__ = ["BlockBackend", "blk_co_new_open", "blk_co_unref"]
 
@@ -267,12 +267,17 @@ class BlockBackend:
             self._end()
 
     async def co_pwrite_zeroes(self, offset: int, length: int, flags: F = F.NONE) -> None:
-        """Zero a range. Tier: I/O."""
+        """Zero a range. Tier: I/O.
+
+        Goes straight to ``bdrv_co_pwritev`` as QEMU 7.2's blk_co_pwrite_zeroes does, so
+        ``MAY_UNMAP`` reaches the root node even without discard=unmap (only
+        ``bdrv_co_pwrite_zeroes``, used between nodes, drops it there).
+        """
         self.in_flight += 1
         try:
             root = await self._start(offset, length, True)
             async with bdrv_graph_co_rdlock():
-                await bdrv_co_pwrite_zeroes(root, offset, length, flags)
+                await bdrv_co_pwritev(root, offset, length, None, flags | F.ZERO_WRITE)
         finally:
             self._end()
 

@@ -68,7 +68,7 @@ def open_over_blkdebug(img: str, **blkdebug: Any) -> BlockBackend:
 # write to a fresh region allocates an L2 table, data clusters and a refcount block (as
 # iotest 026 does with small clusters). Data written first at 32M must survive.
 FRESH_WRITE_EVENTS = ["l1_update", "l2_alloc_write", "l2_update", "refblock_load",
-                      "refblock_update", "refblock_alloc", "refblock_alloc_write",
+                      "refblock_update_part", "refblock_alloc", "refblock_alloc_write",
                       "refblock_alloc_hookup",
                       "cluster_alloc", "write_aio"]  # fmt: skip
 

@@ -64,7 +64,7 @@ class MemFile:
     async def getlength(self) -> int:
         return len(self.buf)
 
-    async def truncate(self, length: int) -> None:
+    async def truncate(self, length: int, prealloc: str = "off") -> None:
         if not self._count():
             return
         if length < len(self.buf):

@@ -120,20 +120,11 @@ def test_data_file_created_and_written_by_blockcore(monkeypatch: pytest.MonkeyPa
     assert [m for m in maps[0] if m["data"]] == [m for m in maps[1] if m["data"]]
 
 
-DISCARD_BUG = {
-    True: "a discard in a data_file_raw image keeps the host offset (ZERO_ALLOC, map shows an "
-          "offset) where QEMU drops it (ZERO_PLAIN) and discards the range in the data file "
-          "(clusterops.zero_or_discard keeps NORMAL data-file entries)",
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("raw", [
-    pytest.param(r, marks=[pytest.mark.xfail(strict=True, reason=DISCARD_BUG[r])] if r in
-                 DISCARD_BUG else [])
-    for r in (False, True)], ids=["data_file", "data_file_raw"])  # fmt: skip
+@pytest.mark.parametrize("raw", [False, True], ids=["data_file", "data_file_raw"])
 def test_discard_in_data_file_image_maps_as_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                  raw: bool) -> None:  # fmt: skip
-    """The same requests as above: qemu-img map of both images is identical."""
+    """The same requests as above: qemu-img map of both images is identical (a discard
+    drops the data file offset, leaving a plain zero cluster, as QEMU)."""
     results = {}
     for who in ("qemu", "api"):
         work = tmp_path / who

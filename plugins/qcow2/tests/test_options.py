@@ -142,45 +142,20 @@ OPS = {  # qemu-io command, blockcore call
 }  # fmt: skip
 
 
-DISCARD_OTHER_BUG = (
-    "a guest discard that frees clusters also punches them with pass-discard-other=on "
-    "(image._free_entry); QEMU frees them as QCOW2_DISCARD_REQUEST only"
-)
-ZERO_UNMAP_BUG = (
-    "zero writes with MAY_UNMAP free clusters as QEMU's QCOW2_DISCARD_REQUEST (punched by "
-    "pass-discard-request); blockcore's clusterops.write_zeroes -> image._free_entry punches "
-    "them by pass-discard-other instead"
-)
-ZERO_IGNORE_BUG = (
-    "qemu-io 7.2 keeps MAY_UNMAP on write -z -u with discard=ignore (the clusters are freed, "
-    "map shows them unallocated-zero, and punched with pass-discard-request=on); "
-    "blockcore.zero.bdrv_co_pwrite_zeroes drops MAY_UNMAP without discard=unmap"
-)
-
-
-def _known_bug(op: str, request_opt: str | None, other: str | None, unmap: bool) -> str | None:
-    qemu_request = request_opt == "on" or request_opt is None and unmap
-    if op == "discard":
-        return DISCARD_OTHER_BUG if unmap and not qemu_request and other == "on" else None
-    ours = unmap and other == "on"
-    if ours == qemu_request:
-        return None
-    return ZERO_UNMAP_BUG if unmap else ZERO_IGNORE_BUG
-
-
 @pytest.mark.parametrize("unmap", [True, False], ids=["unmap", "ignore"])
 @pytest.mark.parametrize("other", [None, "on"])
 @pytest.mark.parametrize("request_opt", [None, "on", "off"])
 @pytest.mark.parametrize("op", list(OPS))
-def test_pass_discard_as_qemu(request: pytest.FixtureRequest, tmp_path: Path, op: str,
-                              request_opt: str | None, other: str | None,
-                              unmap: bool) -> None:  # fmt: skip
+def test_pass_discard_as_qemu(tmp_path: Path, op: str, request_opt: str | None,
+                              other: str | None, unmap: bool) -> None:  # fmt: skip
     """The same freeing operation through qemu-io and through blockcore, with the same
     pass-discard-request/-other options and discard=unmap|ignore: the file is punched in
-    both or in neither, the guest data is the same (qemu-img compare), check is clean."""
-    bug = _known_bug(op, request_opt, other, unmap)
-    if bug:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=bug))
+    both or in neither, the guest data is the same (qemu-img compare), check is clean.
+
+    Guest discards and MAY_UNMAP zero writes free clusters as QCOW2_DISCARD_REQUEST
+    (pass-discard-request decides, never pass-discard-other), and qemu-io's ``write -z -u``
+    keeps MAY_UNMAP even with discard=ignore (blk_co_pwrite_zeroes skips the BDRV_O_UNMAP
+    rule of bdrv_co_pwrite_zeroes)."""
     opts = {k: v for k, v in (("pass-discard-request", request_opt),
                               ("pass-discard-other", other)) if v is not None}  # fmt: skip
     punched = {}

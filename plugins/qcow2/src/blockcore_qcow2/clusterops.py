@@ -106,6 +106,7 @@ async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: b
     cs = geo.cluster_size
     ss = geo.subcluster_size
     v3 = img.header.version >= 3
+    punch: list[int] = []
     pos, end = offset, offset + length
     while pos < end:
         l1i = geo.offset_to_l1_index(pos)
@@ -137,7 +138,9 @@ async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: b
                 continue
             keep = ctype is CT.NORMAL and not unmap and not img.has_data_file
             keep = keep or ctype is CT.ZERO_ALLOC and not unmap
-            keep = keep or (img.has_data_file and ctype is CT.NORMAL)
+            # a data file cluster keeps its offset on a zero write; a discard drops it
+            # (discard_in_l2_slice), and the data file range is discarded
+            keep = keep or (img.has_data_file and ctype is CT.NORMAL and not discard)
             keep = keep and v3  # v2 has no zero flag: zeroing discards (QEMU's zeroize)
             if discard and not (v3 and (img.has_backing() or ctype is not CT.UNALLOCATED)):
                 new_entry, new_bitmap = 0, 0  # v2, or nothing to hide: unallocated
@@ -153,20 +156,10 @@ async def zero_or_discard(img: Qcow2Image, offset: int, length: int, *, unmap: b
                 img._set_entry(l2, idx, new_entry, new_bitmap)
                 img.l2_cache.mark_dirty(l2off)
                 if not keep:
-                    if discard and img.discard_request and ctype is CT.NORMAL \
-                            and not img.has_data_file:  # fmt: skip
-                        host = entry & L2E_OFFSET_MASK
-                        await img._free_entry(entry, bitmap)
-                        if await img.refcounts.get(host >> geo.cluster_bits) == 0:
-                            await img.flush_metadata()
-                            try:
-                                await img.file.discard(host, cs)
-                            except OSError:
-                                pass
-                    else:
-                        await img._free_entry(entry, bitmap)
+                    # guest discards and zero writes free as QCOW2_DISCARD_REQUEST
+                    await img._free_entry(entry, bitmap, punch)
             pos = cend
-
+    await img.punch_freed(punch)
 
 
 async def truncate(img: Qcow2Image, size: int, prealloc: str = "off") -> None:
@@ -188,7 +181,9 @@ async def truncate(img: Qcow2Image, size: int, prealloc: str = "off") -> None:
         await img.flush_metadata()
         await img.file.flush()
         await img.write_header(attrs.evolve(img.header, size=size))
-        if size > old and prealloc != "off":
+        if size > old and prealloc in ("falloc", "full") and not img.has_data_file:
+            await preallocate_area(img, old, size, prealloc)
+        elif size > old and prealloc != "off":
             await preallocate(img, old, size, prealloc)
 
 
@@ -262,6 +257,55 @@ async def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
     await img.flush_metadata()
     if host_end and await img.file.getlength() < host_end:
         await img.file.truncate(host_end)
+
+
+async def preallocate_area(img: Qcow2Image, start: int, end: int, mode: str) -> None:
+    """falloc/full growth as qcow2_co_truncate does it: refcount structures for the whole
+    new area first (behind the used end of the file), then the data clusters right after
+    them, reserved (falloc) or zeroed (full) by truncating the file with ``mode``, then
+    the L2 entries; new L2 tables take free clusters as usual."""
+    geo = img.geo
+    cs = geo.cluster_size
+    refcounts = img.refcounts
+    await img.flush_metadata()
+    file_end = await img.file.getlength()
+    last = await refcounts.get_last_cluster(file_end)
+    file_end = (last + 1) * cs if last >= 0 else -(-file_end // cs) * cs
+    first = geo.start_of_cluster(start)
+    count = (-(-end // cs) * cs - first) // cs
+    # refcounts for the L2 tables too (they are counted wherever they land), plus one for
+    # an area not aligned to L2 spans
+    l2_tables = -(-count // (cs // geo.l2_entry_size)) + 1
+    host = await refcounts.refcount_area(file_end, count + l2_tables, exact=True)
+    got = await refcounts.alloc_clusters_at(host, count)
+    if got != count:
+        raise await img.mark_corrupt(f"clusters {host:#x}.. behind new refcount structures "
+                                     "are in use")  # fmt: skip
+    await img.file.truncate(host + count * cs, mode)
+    if start > first:
+        # the old last cluster is only partly inside the old disk: its data moves along
+        # (QEMU's cow_start of the allocation)
+        head = bytearray(start - first)
+        await img._current(first, memoryview(head))
+        await img.file.pwrite(host, head)
+    await img._link_dependency()
+    guest = first
+    while guest < first + count * cs:
+        l1i = geo.offset_to_l1_index(guest)
+        stop = min(first + count * cs, (l1i + 1) * geo.l1_entry_span())
+        l2off, l2 = await img._l2_for_write(l1i)
+        for i in range(geo.offset_to_l2_index(guest), geo.offset_to_l2_index(stop - 1) + 1):
+            entry, bitmap = img._entry(l2, i)
+            # subcluster bits stay (unallocated reads as zero); QEMU's prealloc link
+            img._set_entry(l2, i, host | OFLAG_COPIED, bitmap if geo.extended_l2 else 0)
+            host += cs
+            if entry:
+                # QCOW2_DISCARD_NEVER: the collected offsets are never punched
+                await img._free_entry(entry, bitmap, [])
+        img.l2_cache.mark_dirty(l2off)
+        await img._link_dependency()
+        guest = stop
+    await img.flush_metadata()
 
 
 async def grow_l1(img: Qcow2Image, min_size: int) -> None:

@@ -69,8 +69,8 @@ class ChildFile:
     async def getlength(self) -> int:
         return await io.bdrv_co_getlength(self.child.bs)
 
-    async def truncate(self, length: int) -> None:
-        await io.bdrv_co_truncate(self.child, length, False, PreallocMode.OFF, F.NONE)
+    async def truncate(self, length: int, prealloc: str = "off") -> None:
+        await io.bdrv_co_truncate(self.child, length, False, PreallocMode(prealloc), F.NONE)
 
     async def event(self, name: str) -> None:
         await io.bdrv_co_debug_event(self.child.bs, name)
@@ -121,8 +121,8 @@ class BackendFile:
     async def getlength(self) -> int:
         return int(self.blk.getlength())
 
-    async def truncate(self, length: int) -> None:
-        await self.blk.co_truncate(length, False)
+    async def truncate(self, length: int, prealloc: str = "off") -> None:
+        await self.blk.co_truncate(length, False, PreallocMode(prealloc))
 
     async def event(self, name: str) -> None:
         pass

@@ -450,8 +450,10 @@ class QCowHeader:
             table = keep.get(ExtType.FEATURE_TABLE) or feature_table_extension()
             used = self.header_length + sum(len(e.pack()) for e in out + rest) + 8
             used += len((self.backing_file or "").encode("utf-8", "surrogateescape"))
-            # The table is optional: like qemu-img, leave it out when cluster 0 is too small.
-            if used + len(table.pack()) < self.cluster_size:
+            # The table is optional: like qemu-img 7.2, leave it out with clusters of 4 KiB
+            # or less (observed for create, snapshot, bitmap and amend) and when cluster 0
+            # is too small.
+            if self.cluster_size > 4096 and used + len(table.pack()) < self.cluster_size:
                 out.append(table)
         return attrs.evolve(self, extensions=tuple(out + rest))
 
@@ -534,9 +536,11 @@ def empty_image(*, cluster_bits: int = 16, version: int = 3, refcount_order: int
     return bytes(out)
 
 
-def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
-    """Bytes of refcount table and blocks needed to cover ``clusters`` clusters plus
-    themselves (fixed point, as QEMU's qcow2_refcount_metadata_size)."""
+def refcount_metadata_counts(clusters: int, cluster_size: int, refcount_order: int,
+                             generous: bool = False) -> tuple[int, int]:  # fmt: skip
+    """Refcount blocks and table clusters needed to cover ``clusters`` clusters plus
+    themselves (fixed point, as QEMU's qcow2_refcount_metadata_size); ``generous`` adds
+    room for half the table again once, as QEMU's generous_increase."""
     per_table_cluster = cluster_size // 8
     per_block = cluster_size * 8 >> refcount_order
     table = blocks = 0
@@ -546,7 +550,16 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
         blocks = -(-(clusters + table + blocks) // per_block)
         table = -(-blocks // per_table_cluster)
         n = clusters + blocks + table
-    return (blocks + table) * cluster_size
+        if n == last and generous:
+            clusters += -(-table // 2)
+            n, generous = 0, False  # one more round with the extra room
+    return blocks, table
+
+
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
+    """Bytes of refcount table and blocks needed to cover ``clusters`` clusters plus
+    themselves (fixed point, as QEMU's qcow2_refcount_metadata_size)."""
+    return sum(refcount_metadata_counts(clusters, cluster_size, refcount_order)) * cluster_size
 
 
 def prealloc_size(total_size: int, cluster_size: int, refcount_order: int,

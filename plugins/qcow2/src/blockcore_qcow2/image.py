@@ -452,26 +452,75 @@ class Qcow2Image:
             await self.refcounts.update(off, self.geo.cluster_size, -1)
         return new, new_table
 
-    async def _free_entry(self, entry: int, bitmap: int) -> None:
-        """Drop the reference an old L2 entry held (mirrors qcow2_free_any_cluster)."""
+    async def _free_entry(self, entry: int, bitmap: int, punch: list[int] | None = None
+                          ) -> None:  # fmt: skip
+        """Drop the reference an old L2 entry held (mirrors qcow2_free_any_cluster).
+
+        Clusters whose refcount drops to 0 are passed down as QEMU's discard types say:
+        without ``punch`` the free is internal (QCOW2_DISCARD_OTHER) and they are punched at
+        once with pass-discard-other; with ``punch`` it serves a guest discard or zero write
+        (QCOW2_DISCARD_REQUEST) and, with pass-discard-request, their offsets are appended
+        to it for :meth:`punch_freed` once the metadata no longer names them.
+        """
         ctype = cluster_type(entry, self.geo)
+        cs = self.geo.cluster_size
         if ctype is CT.COMPRESSED:
             coff, csize = decode_compressed(entry & L2E_COMPRESSED_OFFSET_SIZE_MASK,
                                             self.geo.cluster_bits)  # fmt: skip
             await self._free_dependency()
             await self.file.event("cluster_free")
             await self.refcounts.update(coff, csize, -1)
-            return
-        host = entry & L2E_OFFSET_MASK
-        if host and not self.has_data_file and ctype in (CT.NORMAL, CT.ZERO_ALLOC):
+            first, end = coff // cs * cs, coff + csize
+        else:
+            host = entry & L2E_OFFSET_MASK
+            if self.has_data_file:
+                # no refcounts in a data file: the range is discarded there at once when
+                # its discard type passes down (qcow2_free_any_cluster)
+                passdown = self.discard_other if punch is None else self.discard_request
+                if passdown and ctype in (CT.NORMAL, CT.ZERO_ALLOC):
+                    try:
+                        await self.data.discard(host, cs)
+                    except OSError:
+                        pass  # advisory
+                return
+            if not host or ctype not in (CT.NORMAL, CT.ZERO_ALLOC):
+                return
             await self._free_dependency()
             await self.file.event("cluster_free")
-            await self.refcounts.update(host, self.geo.cluster_size, -1)
-            if self.discard_other and await self.refcounts.get(host >> self.geo.cluster_bits) == 0:
-                try:
-                    await self.file.discard(host, self.geo.cluster_size)
-                except OSError:
-                    pass
+            await self.refcounts.update(host, cs, -1)
+            first, end = host, host + cs
+        if not (self.discard_other if punch is None else self.discard_request):
+            return
+        for host in range(first, end, cs):
+            if await self.refcounts.get(host >> self.geo.cluster_bits) != 0:
+                continue
+            if punch is not None:
+                punch.append(host)
+                continue
+            try:
+                await self.file.discard(host, cs)
+            except OSError:
+                pass
+
+    async def punch_freed(self, hosts: list[int]) -> None:
+        """Discard clusters a request freed (see :meth:`_free_entry`) in the file, after
+        the metadata that dropped them is written (QEMU queues them the same way and
+        sends them in qcow2_process_discards); contiguous clusters go down as one range."""
+        if not hosts:
+            return
+        await self.flush_metadata()
+        cs = self.geo.cluster_size
+        hosts = sorted(set(hosts))
+        start = prev = hosts[0]
+        for host in [*hosts[1:], -1]:
+            if host == prev + cs:
+                prev = host
+                continue
+            try:
+                await self.file.discard(start, prev + cs - start)
+            except OSError:
+                pass  # advisory, as QEMU ignores a failed discard here
+            start = prev = host
 
     async def _current(self, offset: int, buf: memoryview) -> None:
         """Read guest content with the lock already held (COW source)."""

@@ -10,7 +10,7 @@ from blockcore.errors import BlockError, ImageCorruptError
 
 from .cache import ImageFile, TableCache
 from .cluster import VersionedList
-from .format import MAX_REFTABLE_SIZE, REFT_OFFSET_MASK
+from .format import MAX_REFTABLE_SIZE, REFT_OFFSET_MASK, refcount_metadata_counts
 
 
 def get_entry(block: bytearray, index: int, order: int) -> int:
@@ -58,7 +58,7 @@ class Refcounts:
         self.table = table  # a VersionedList (see the property)
         self.table_clusters = table_clusters
         self.cache = TableCache(file, self.cluster_size, cache_capacity, "refcount",
-                                "refblock_load", "refblock_update")  # fmt: skip
+                                "refblock_load", "refblock_update_part")  # fmt: skip
         self.free_cluster_index = 0
         self.free_byte_offset = 0
         #: Called with (offset, clusters) after the table moved; it rewrites the header.
@@ -140,7 +140,6 @@ class Refcounts:
             return
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
-        await self.file.event("refblock_update_part")
         for ci in range(first, last + 1):
             value = await self.get(ci) + addend
             if value < 0 or value > self.max_refcount:
@@ -311,6 +310,84 @@ class Refcounts:
         self.table, self.table_offset, self.table_clusters = new_table, toff, table_clusters
         await self.set_table(toff, table_clusters)
         await self.update(old_off, old_clusters << self.cluster_bits, -1)
+
+    async def get_last_cluster(self, file_size: int) -> int:
+        """Index of the last cluster below ``file_size`` in use, -1 if none
+        (qcow2_get_last_cluster)."""
+        for ci in range(-(-file_size >> self.cluster_bits) - 1, -1, -1):
+            if await self.get(ci):
+                return ci
+        return -1
+
+    async def alloc_clusters_at(self, offset: int, count: int) -> int:
+        """Give the free clusters from ``offset`` on (at most ``count``, up to the first
+        used one) refcount 1; their number (qcow2_alloc_clusters_at)."""
+        first = offset >> self.cluster_bits
+        n = 0
+        while n < count and await self.get(first + n) == 0:
+            n += 1
+        for ci in range(first, first + n):
+            await self.set(ci, 1)
+        return n
+
+    async def refcount_area(self, start: int, additional: int, exact: bool) -> int:
+        """Build refcount structures at ``start`` (the end of the used file) that cover
+        themselves and ``additional`` clusters after them: the missing refcount blocks,
+        then a new refcount table, switched in with one header write; the old table is
+        freed. Returns where the ``additional`` clusters go (QEMU's qcow2_refcount_area,
+        used to preallocate without refcount updates in the middle of the data).
+        """
+        cs, epb = self.cluster_size, self.entries_per_block
+        blocks, _ = refcount_metadata_counts(start // cs + additional, cs, self.order,
+                                             generous=not exact)  # fmt: skip
+        if blocks * 8 > MAX_REFTABLE_SIZE:
+            raise BlockError(errno.EFBIG, "refcount table would exceed 8 MiB", self.file.name)
+        first_t = (start // cs) >> self.block_bits
+        entries = blocks if exact else blocks + -(-blocks // 2)
+        per_cluster = cs // 8
+        entries = -(-entries // per_cluster) * per_cluster
+        table_clusters = entries // per_cluster
+        if entries * 8 > MAX_REFTABLE_SIZE:
+            raise BlockError(errno.EFBIG, "refcount table would exceed 8 MiB", self.file.name)
+        used = max((i + 1 for i, e in enumerate(self.table) if e), default=1)
+        # entries past the area are empty by the caller's guarantee: growing keeps all
+        # the used ones, shrinking (improbable) drops only empty ones
+        new_table = list(self.table[: min(used, entries)]) + [0] * (entries - min(used, entries))
+        missing = sum(1 for t in range(first_t, blocks) if not new_table[t])
+        table_off = start + missing * cs
+        end = table_off + table_clusters * cs
+        block_off = start
+        for t in range(first_t, blocks):
+            if new_table[t]:
+                off = self._aligned(t)  # an entry kept from the current table
+                block = await self.cache.get(off)
+            else:
+                off = block_off
+                block = await self.cache.get(off, load=False)
+                block[:] = bytes(cs)
+                new_table[t] = off
+                block_off += cs
+                self.cache.mark_dirty(off)
+            covered = t * epb * cs
+            if covered < end:
+                self.cache.mark_dirty(off)
+                # the new blocks and table count themselves
+                for j in range(max(0, (start - covered) // cs), min((end - covered) // cs, epb)):
+                    if get_entry(block, j, self.order):
+                        raise ImageCorruptError(f"cluster {t * epb + j} past the end of the "
+                                                "used file is in use", self.file.name)  # fmt: skip
+                    set_entry(block, j, self.order, 1)
+        await self.file.event("refblock_alloc_write_blocks")
+        await self.cache.flush()
+        await self.file.event("refblock_alloc_write_table")
+        await self.file.pwrite(table_off, struct.pack(f">{entries}Q", *new_table))
+        await self.file.flush()
+        await self.file.event("refblock_alloc_switch_table")
+        old_off, old_clusters = self.table_offset, self.table_clusters
+        self.table, self.table_offset, self.table_clusters = new_table, table_off, table_clusters
+        await self.set_table(table_off, table_clusters)
+        await self.update(old_off, old_clusters << self.cluster_bits, -1)
+        return end
 
     async def flush(self) -> None:
         await self.cache.flush()
