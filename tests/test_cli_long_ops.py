@@ -112,3 +112,21 @@ def test_convert_copy_offload_uses_copy_file_range(run_img, tmp_path: Path,
     assert calls, "convert -C copied through Python buffers"
     assert sum(calls) <= 3 * MiB + MiB  # the data, not the hole
     assert (tmp_path / "dst.raw").read_bytes() == data + bytes(5 * MiB)
+
+
+@needs_qcow2
+def test_rebase_progress_only_with_p(run_img, tmp_path: Path) -> None:
+    from blockcore.qemu_io import main as io_main
+
+    for name in ("old", "new"):
+        assert run_img("create", "-q", "-f", "qcow2", f"{name}.qcow2", "8M")[2] == 0
+    assert io_main(["qemu-io", "-c", "write -P 0x61 0 2M", "old.qcow2"]) == 0
+    assert run_img("create", "-q", "-f", "qcow2", "-b", "old.qcow2", "-F", "qcow2",
+                   "top.qcow2")[2] == 0
+    out, err, rc = run_img("rebase", "-p", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2")
+    assert (err, rc) == ("", 0)
+    bars = [b.strip() for b in out.replace("\r", "\n").split("\n") if b.strip()]
+    assert bars[0] == "(0.00/100%)" and bars[-1] == "(100.00/100%)"
+    assert run_img("compare", "top.qcow2", "old.qcow2")[0] == "Images are identical.\n"
+    out, err, rc = run_img("rebase", "-b", "old.qcow2", "-F", "qcow2", "top.qcow2")
+    assert (out, err, rc) == ("", "", 0)  # quiet without -p
