@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import BlockError, NoMediumError, NotSupportedError
 from .graph import bdrv_primary_child
+from .info import bdrv_is_read_only
 from .tiers import Tier, api, global_state_code
-from .types import OpenFlags
 
 if TYPE_CHECKING:
     from .graph import BlockDriverState
@@ -115,7 +115,7 @@ def bdrv_snapshot_load_tmp(bs: BlockDriverState, snapshot_id: str | None,
         raise NoMediumError(f"Device '{bs.node_name}' has no medium", where)
     if snapshot_id is None and name is None:
         raise BlockError(errno.EINVAL, "snapshot_id and name are both NULL", where)
-    if bs.open_flags & OpenFlags.RDWR:
+    if not bdrv_is_read_only(bs):
         raise BlockError(errno.EINVAL, "Device is not readonly", where)
     if bdrv_find_hook_node(bs, "bdrv_snapshot_load_tmp") is None:
         raise NotSupportedError(f"Block format '{bs.drv.name}' used by device '' does not "
