@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from .errors import DeadlockError, TierViolation
-from .tiers import API, Tier, api, global_state_code, io_or_gs_code, qemu_in_main_thread
+from .tiers import API, Tier, api, global_state_code, io_or_gs_code, qemu_in_main_thread, running
 
 __all__ = [
     "AioContext",
@@ -40,6 +40,18 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class ContextLoop(asyncio.SelectorEventLoop):
+    """The event loop of every AioContext: while it runs it is ``tiers.running.loop`` of
+    its thread, the cheap answer to "which context am I in" on the request path."""
+
+    def run_forever(self) -> None:
+        outer, running.loop = running.loop, self
+        try:
+            super().run_forever()
+        finally:
+            running.loop = outer
 
 
 class AioContext:
@@ -68,7 +80,7 @@ def main_context() -> AioContext:
     """The main thread's AioContext (``qemu_get_aio_context``). Tier: common."""
     global _main_ctx
     if _main_ctx is None:
-        _main_ctx = AioContext("main", asyncio.new_event_loop(), threading.main_thread().ident)
+        _main_ctx = AioContext("main", ContextLoop(), threading.main_thread().ident)
         register_context(_main_ctx)
     return _main_ctx
 
@@ -87,7 +99,7 @@ class IOThread:
         self.ctx: AioContext | None = None
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = ContextLoop()
         asyncio.set_event_loop(loop)
         self.ctx = AioContext(self.name, loop, threading.get_ident())
         register_context(self.ctx)

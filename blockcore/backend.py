@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from asyncio.events import _get_running_loop
 from typing import Any, final
 
 from . import aio as aio_mod
@@ -36,7 +35,7 @@ from .graph import (
 from .io import bdrv_co_flush, bdrv_co_preadv, bdrv_co_pwritev
 from .resize import bdrv_co_truncate
 from .special import BlockAIOCB
-from .tiers import Tier, api, global_state_code
+from .tiers import Tier, api, global_state_code, running
 from .types import BdrvRequestFlags, ChildRole, OpenFlags, Perm, PreallocMode
 from .zero import bdrv_co_pdiscard
 
@@ -225,21 +224,22 @@ class BlockBackend:
                              root.bs.filename or root.bs.node_name)  # fmt: skip
         return root
 
-    async def _rdlocked(self, root: BdrvChild, fn: Any, *args: Any) -> Any:
-        """Run ``fn(root, *args)`` holding the graph read lock (inline fast path)."""
+    def _inline_rdlock(self, root: BdrvChild) -> Any:
+        """Take the graph read lock inline when no writer waits and we run on the node's
+        loop (QEMU's reader count, no coroutine); returns the token for
+        :meth:`_inline_rdunlock`, or None when the caller must take the full lock."""
         ctx = root.bs.aio_context
-        if aio_mod._has_writer or _get_running_loop() is not ctx.loop:
-            async with bdrv_graph_co_rdlock():
-                return await fn(root, *args)
+        if aio_mod._has_writer or running.loop is not ctx.loop:
+            return None  # (running.loop can only miss: the full lock then checks exactly)
         ctx.graph_readers += 1
-        token = _rdlock_depth.set(1)
-        try:
-            return await fn(root, *args)
-        finally:
-            _rdlock_depth.reset(token)
-            ctx.graph_readers -= 1
-            if aio_mod._has_writer:
-                aio_wait_kick()
+        return _rdlock_depth.set(1)
+
+    @staticmethod
+    def _inline_rdunlock(root: BdrvChild, token: Any) -> None:
+        _rdlock_depth.reset(token)
+        root.bs.aio_context.graph_readers -= 1
+        if aio_mod._has_writer:
+            aio_wait_kick()
 
     async def co_preadv(self, offset: int, length: int, buf: Any, flags: F = F.NONE) -> None:
         """Read into ``buf``. Tier: I/O (coroutine on the backend's context)."""
@@ -250,7 +250,15 @@ class BlockBackend:
                     or offset + length > root.bs.total_bytes \
                     or root.bs.bl.has_variable_length:  # fmt: skip
                 root = await self._start(offset, length, True)
-            await self._rdlocked(root, bdrv_co_preadv, offset, length, buf, flags)
+            token = self._inline_rdlock(root)
+            if token is None:
+                async with bdrv_graph_co_rdlock():
+                    await bdrv_co_preadv(root, offset, length, buf, flags)
+                return
+            try:
+                await bdrv_co_preadv(root, offset, length, buf, flags)
+            finally:
+                self._inline_rdunlock(root, token)
         finally:
             self._end()
 
@@ -262,7 +270,15 @@ class BlockBackend:
             if root is None or self.quiesce_counter or offset < 0 or length < 0 \
                     or offset + length > root.bs.total_bytes:  # fmt: skip
                 root = await self._start(offset, length, not self.allow_write_beyond_eof)
-            await self._rdlocked(root, bdrv_co_pwritev, offset, length, buf, flags)
+            token = self._inline_rdlock(root)
+            if token is None:
+                async with bdrv_graph_co_rdlock():
+                    await bdrv_co_pwritev(root, offset, length, buf, flags)
+                return
+            try:
+                await bdrv_co_pwritev(root, offset, length, buf, flags)
+            finally:
+                self._inline_rdunlock(root, token)
         finally:
             self._end()
 

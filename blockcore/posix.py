@@ -193,23 +193,27 @@ class PosixEngine:
         self._pool_writes_until = 0.0  # monotonic time until which writes skip the inline path
         self._last_stall = -INLINE_BACKOFF  # when an inline write last stalled
 
-    async def preadv(self, buf: memoryview, offset: int) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``, zero-filling past EOF. Tier: I/O.
+    def read_now(self, buf: memoryview, offset: int) -> int:
+        """Read without blocking what can be read at once: the page-cached part of the range
+        (``RWF_NOWAIT``), or all of it on a memory filesystem. Returns the bytes done, from
+        the start of ``buf``; ``len(buf)`` when the read is complete (zero-filled past EOF).
+        Tier: I/O.
 
-        OSErrors keep their type and errno and gain the filename, as all engine errors do.
+        A plain function, not a coroutine: drivers call it first and await :meth:`preadv`
+        only for the rest, so a cached read costs no coroutine frame here.
         """
-        fd = self.fd
+        done = 0
         try:
             if self.nowait_read:
                 try:
                     while True:
-                        n = os.preadv(fd, (buf,), offset, _RWF_NOWAIT)
+                        n = os.preadv(self.fd, (buf,), offset, _RWF_NOWAIT)
                         if n == len(buf):
-                            return
+                            return done + n
                         if n == 0:  # EOF (would-block is EAGAIN, never 0)
                             buf[:] = bytes(len(buf))
-                            return
-                        buf, offset = buf[n:], offset + n  # partly cached: go on while we can
+                            return done + len(buf)
+                        buf, offset, done = buf[n:], offset + n, done + n
                 except BlockingIOError:
                     pass
                 except OSError as exc:
@@ -217,8 +221,25 @@ class PosixEngine:
                         raise
                     self.nowait_read = False
             elif self.inline:
-                _pread_full(fd, buf, offset)
-                return
+                _pread_full(self.fd, buf, offset)
+                return len(buf)
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = self.filename
+            raise
+        return done
+
+    async def preadv(self, buf: memoryview, offset: int) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``, zero-filling past EOF. Tier: I/O.
+
+        OSErrors keep their type and errno and gain the filename, as all engine errors do.
+        """
+        done = self.read_now(buf, offset)
+        if done == len(buf):
+            return
+        buf, offset = buf[done:], offset + done
+        fd = self.fd
+        try:
             if self.direct:
                 await run_blocking(_direct_io, False, fd, buf, offset)
             else:

@@ -131,6 +131,26 @@ def test_uncached_read_falls_back_to_pool(tmp_path: Path, monkeypatch: pytest.Mo
     os.close(fd)
 
 
+def test_read_now_does_only_what_needs_no_wait(tmp_path: Path) -> None:
+    """read_now, which drivers try before awaiting preadv: all of a cached range, nothing
+    of an uncached one, zero fill past EOF; nothing at all on an O_DIRECT engine."""
+    data = os.urandom(MiB)
+    fd = make_file(tmp_path / "a.img", MiB, {0: data})
+    eng = posix.PosixEngine(fd, "a.img")
+    buf = aligned_buffer(64 << 10)
+    if eng.read_now(buf, 0) != len(buf) or not eng.nowait_read:
+        pytest.skip("RWF_NOWAIT reads not supported by this filesystem")
+    assert bytes(buf) == data[: len(buf)]
+    assert eng.read_now(buf, MiB) == len(buf) and bytes(buf) == bytes(len(buf))  # past EOF
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert eng.read_now(buf, MiB - len(buf)) < len(buf)
+    run(eng.preadv(buf, MiB - len(buf)))
+    assert bytes(buf) == data[-len(buf) :]
+    assert posix.PosixEngine(fd, "a.img", direct=True).read_now(buf, 0) == 0
+    os.close(fd)
+
+
 def _pool_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the name of each function the engine hands to the thread pool."""
     sent: list[str] = []

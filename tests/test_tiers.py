@@ -166,3 +166,32 @@ def test_checks_survive_python_O() -> None:
             "try:\n    blockcore.run(f())\nexcept blockcore.TierViolation:\n    print('raised')\n")  # fmt: skip
     out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "raised", out.stderr
+
+
+def test_running_loop_marker_follows_the_context_loops() -> None:
+    """tiers.running.loop (the cheap context check of the request path) is the AioContext
+    loop running in this thread, and None outside it, also after a loop stops."""
+    from blockcore.aio import IOThread, main_context
+    from blockcore.tiers import running
+
+    async def here() -> object:
+        return running.loop
+
+    assert running.loop is None
+    assert blockcore.run(here()) is main_context().loop
+    assert running.loop is None
+    with IOThread("marker") as ctx:
+        seen = asyncio.run_coroutine_threadsafe(here(), ctx.loop).result(timeout=10)
+    assert seen is ctx.loop
+    assert asyncio.run(here()) is None  # a foreign loop is not an AioContext
+
+
+def test_backend_request_on_a_foreign_loop_raises(memdrv) -> None:
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
+
+        async def elsewhere() -> None:
+            await blk.co_preadv(0, 512, bytearray(512))
+
+        with pytest.raises(TierViolation, match="bdrv_co_preadv is a 'I/O' function"):
+            asyncio.run(elsewhere())

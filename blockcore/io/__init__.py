@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from asyncio.events import _get_running_loop
 from typing import TYPE_CHECKING, Any
 
 from ..aio import _waiters, aio_wait_kick, assert_bdrv_graph_readable, co_wrapper
 from ..errors import BlockError, NoMediumError, NotSupportedError
-from ..tiers import Tier, api, checks_enabled, io_code
+from ..tiers import Tier, api, checks_enabled, io_code, running
 from ..types import (
     BDRV_MAX_LENGTH,
     BDRV_REQUEST_MAX_BYTES,
@@ -171,7 +170,7 @@ def _check_request(bs: BlockDriverState, offset: int, length: int, limit32: bool
 
 def _enter(fn_name: str, bs: BlockDriverState) -> Any:
     """Common entry checks of an I/O coroutine; returns the driver."""
-    if checks_enabled and _get_running_loop() is not bs.aio_context.loop:
+    if checks_enabled and running.loop is not bs.aio_context.loop:
         io_code(fn_name, bs)
     drv = bs.drv
     if drv is None:

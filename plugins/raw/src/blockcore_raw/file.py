@@ -241,7 +241,9 @@ def bdrv_abort_perm_update(bs: BlockDriverState) -> None:
 async def bdrv_co_preadv(
     bs: BlockDriverState, offset: int, length: int, buf: memoryview, flags: BdrvRequestFlags
 ) -> None:
-    await bs.opaque.engine.preadv(buf, offset)
+    engine = bs.opaque.engine
+    if engine.read_now(buf, offset) != length:
+        await engine.preadv(buf, offset)
 
 
 @hookimpl
