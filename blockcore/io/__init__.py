@@ -13,7 +13,7 @@ import asyncio
 import errno
 from typing import TYPE_CHECKING, Any
 
-from ..aio import _waiters, aio_wait_kick, assert_bdrv_graph_readable, co_wrapper
+from ..aio import _rdlock_depth, _waiters, aio_wait_kick, assert_bdrv_graph_readable, co_wrapper
 from ..errors import BlockError, NoMediumError, NotSupportedError
 from ..tiers import Tier, api, checks_enabled, io_code, running
 from ..types import (
@@ -42,6 +42,7 @@ _O_RDWR, _O_INACTIVE = int(OpenFlags.RDWR), int(OpenFlags.INACTIVE)
 _O_NO_FLUSH, _O_UNMAP = int(OpenFlags.NO_FLUSH), int(OpenFlags.UNMAP)
 _P_WRITE, _P_WRITE_UNCHANGED = int(Perm.WRITE), int(Perm.WRITE_UNCHANGED)
 _P_RESIZE = int(Perm.RESIZE)
+_PARALLEL = Concurrency.PARALLEL
 
 __all__ = [
     "bdrv_co_flush",
@@ -299,8 +300,11 @@ async def bdrv_co_preadv(
     padded to the node's alignment (through a bounce buffer) and split at ``max_transfer``.
     """
     bs = child.bs
-    drv = _enter("bdrv_co_preadv", bs)
-    assert_bdrv_graph_readable("bdrv_co_preadv")
+    drv = bs.drv
+    if drv is None or checks_enabled and running.loop is not bs.aio_context.loop:
+        drv = _enter("bdrv_co_preadv", bs)  # (the checks of _enter, inlined when they pass)
+    if not _rdlock_depth.get():
+        assert_bdrv_graph_readable("bdrv_co_preadv")
     if offset < 0 or length < 0 or length > BDRV_REQUEST_MAX_BYTES or \
             offset > BDRV_MAX_LENGTH - length:  # fmt: skip
         _check_request(bs, offset, length, True)
@@ -319,7 +323,7 @@ async def bdrv_co_preadv(
         and not (offset | length) & (align - 1)
         and offset + length <= bs.total_bytes
         and (not bl.max_transfer or length <= bl.max_transfer)
-        and drv.descriptor.concurrency is Concurrency.PARALLEL
+        and drv.descriptor.concurrency is _PARALLEL
     ):
         # the fast path: an aligned read of a parallel driver, nothing serialising around
         bs.untracked_in_flight += 1
