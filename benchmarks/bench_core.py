@@ -12,7 +12,6 @@ Usage: python benchmarks/bench_core.py [--seconds S]. Target: >= 150,000 reads/s
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import subprocess
 import sys

@@ -20,7 +20,6 @@ Usage: python benchmarks/bench_io_path.py [--rounds N] [--scale F]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time

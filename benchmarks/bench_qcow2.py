@@ -31,15 +31,15 @@ import asyncio
 import cProfile
 import os
 import pstats
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
+
+import benchlib
 
 import blockcore
 from blockcore import BdrvRequestFlags, BlockBackend, OpenFlags
@@ -97,43 +97,11 @@ def _warm(path: str) -> None:
 
 
 def qemu_bench(path: str, bs: int, depth: int, count: int, write: bool, aio: str) -> float:
-    argv = ["qemu-img", "bench", "-f", "qcow2", "-t", "writeback", "-c", str(count), "-d",
-            str(depth), "-s", str(bs)]  # fmt: skip
-    if write:
-        argv.append("-w")
-    if aio != "threads":
-        argv += ["-i", aio]
-    res = subprocess.run([*argv, path], capture_output=True, text=True, check=True)
-    m = re.search(r"Run completed in ([0-9.]+) seconds", res.stdout)
-    if not m:
-        raise RuntimeError(f"unexpected qemu-img output: {res.stdout!r} {res.stderr!r}")
-    return float(m.group(1))
-
-
-async def _bench(blk: BlockBackend, size: int, bs: int, depth: int, count: int,
-                 write: bool) -> float:  # fmt: skip
-    op = blk.co_pwritev if write else blk.co_preadv
-    nxt = 0
-
-    async def worker(buf: memoryview) -> None:
-        nonlocal nxt
-        while nxt < count:
-            offset = nxt * bs % size
-            nxt += 1
-            await op(offset, bs, buf)
-
-    bufs = [aligned_buffer(bs) for _ in range(depth)]
-    for b in bufs:
-        b[:] = b"\x5a" * bs
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(b) for b in bufs))
-    return time.perf_counter() - start
+    return benchlib.qemu_bench("qcow2", path, bs, depth, count, write, aio)
 
 
 def ours_bench(path: str, bs: int, depth: int, count: int, write: bool) -> float:
-    with BlockBackend.open(path, {"driver": "qcow2"}, OpenFlags.RDWR) as blk:
-        size = blk.getlength() // bs * bs
-        return blockcore.run(_bench(blk, size, bs, depth, count, write))
+    return benchlib.ours_bench("qcow2", path, bs, depth, count, write)
 
 
 # -------------------------------------------------------------------------------------------
@@ -215,16 +183,6 @@ def _unlink(path: str) -> None:
 # -------------------------------------------------------------------------------------------
 
 
-def _alternate(rounds: int, qemu: Callable[[], float], ours: Callable[[], float]
-               ) -> tuple[float, float]:  # fmt: skip
-    qt: list[float] = []
-    ot: list[float] = []
-    for r in range(rounds):
-        for side in ("qemu", "ours") if r % 2 == 0 else ("ours", "qemu"):
-            (qt if side == "qemu" else ot).append(qemu() if side == "qemu" else ours())
-    return statistics.median(qt), statistics.median(ot)
-
-
 def compare(img: Images, rounds: int, aios: list[str], scale: float, only: set[str]) -> None:
     print(f"{'workload':<20} {'qemu aio':<9} {'qemu s':>8} {'ours s':>8} {'qemu MB/s':>10} "
           f"{'ours MB/s':>10} {'ratio':>6}")  # fmt: skip
@@ -236,7 +194,7 @@ def compare(img: Images, rounds: int, aios: list[str], scale: float, only: set[s
         mb = count * bs / 1e6
         ours_bench(img.qcow2, bs, depth, max(depth, count // 10), write)  # warm-up
         for aio in aios:
-            q, o = _alternate(rounds,
+            q, o = benchlib.alternate(rounds,
                               partial(qemu_bench, img.qcow2, bs, depth, count, write, aio),
                               partial(ours_bench, img.qcow2, bs, depth, count, write))
             print(f"{name:<20} {aio:<9} {q:8.3f} {o:8.3f} {mb / q:10.0f} {mb / o:10.0f} "
@@ -248,7 +206,7 @@ def compare(img: Images, rounds: int, aios: list[str], scale: float, only: set[s
         src = img.qcow2 if name == "convert-qcow2-raw" else img.craw if "-c-" in name \
             else img.raw  # fmt: skip
         mb = os.path.getsize(img.raw if src == img.qcow2 else src) / 1e6
-        q, o = _alternate(rounds, partial(qemu_convert, img, qname),
+        q, o = benchlib.alternate(rounds, partial(qemu_convert, img, qname),
                           partial(ours_convert, img, name))  # fmt: skip
         print(f"{name:<20} {'-m 8':<9} {q:8.3f} {o:8.3f} {mb / q:10.0f} {mb / o:10.0f} "
               f"{q / o:6.2f}", flush=True)  # fmt: skip

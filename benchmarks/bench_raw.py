@@ -20,20 +20,16 @@ Usage: python benchmarks/bench_raw.py [--dir /tmp] [--size 256M] [--rounds 5] [-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import os
 import pstats
-import re
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from functools import partial
 
-import blockcore
-from blockcore import BlockBackend, OpenFlags
-from blockcore.util import aligned_buffer, parse_size
+import benchlib
+
+from blockcore.util import parse_size
 
 # name, block size, depth, requests, write
 WORKLOADS = [
@@ -58,41 +54,11 @@ def make_image(directory: str, size: int) -> str:
 
 
 def run_qemu(path: str, bs: int, depth: int, count: int, write: bool, aio: str) -> float:
-    argv = ["qemu-img", "bench", "-f", "raw", "-t", "writeback", "-c", str(count), "-d",
-            str(depth), "-s", str(bs)]  # fmt: skip
-    if write:
-        argv.append("-w")
-    if aio != "threads":
-        argv += ["-i", aio]
-    res = subprocess.run([*argv, path], capture_output=True, text=True, check=True)
-    m = re.search(r"Run completed in ([0-9.]+) seconds", res.stdout)
-    if not m:
-        raise RuntimeError(f"unexpected qemu-img output: {res.stdout!r} {res.stderr!r}")
-    return float(m.group(1))
-
-
-async def _ours(blk: BlockBackend, size: int, bs: int, depth: int, count: int,
-                write: bool) -> float:  # fmt: skip
-    op = blk.co_pwritev if write else blk.co_preadv
-    nxt = 0
-
-    async def worker(buf: memoryview) -> None:
-        nonlocal nxt
-        while nxt < count:
-            offset = nxt * bs % size
-            nxt += 1
-            await op(offset, bs, buf)
-
-    bufs = [aligned_buffer(bs) for _ in range(depth)]
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(b) for b in bufs))
-    return time.perf_counter() - start
+    return benchlib.qemu_bench("raw", path, bs, depth, count, write, aio)
 
 
 def run_ours(path: str, bs: int, depth: int, count: int, write: bool) -> float:
-    with BlockBackend.open(path, {"driver": "raw"}, OpenFlags.RDWR) as blk:
-        size = blk.getlength() // bs * bs
-        return blockcore.run(_ours(blk, size, bs, depth, count, write))
+    return benchlib.ours_bench("raw", path, bs, depth, count, write)
 
 
 def compare(path: str, rounds: int, aios: list[str], scale: float) -> None:
@@ -103,15 +69,8 @@ def compare(path: str, rounds: int, aios: list[str], scale: float) -> None:
         count = max(depth, int(count * scale))
         run_ours(path, bs, depth, max(depth, count // 10), write)  # warm-up
         for aio in aios:
-            qemu_t: list[float] = []
-            ours_t: list[float] = []
-            for r in range(rounds):
-                for side in ("qemu", "ours") if r % 2 == 0 else ("ours", "qemu"):
-                    if side == "qemu":
-                        qemu_t.append(run_qemu(path, bs, depth, count, write, aio))
-                    else:
-                        ours_t.append(run_ours(path, bs, depth, count, write))
-            q, o = statistics.median(qemu_t), statistics.median(ours_t)
+            q, o = benchlib.alternate(rounds, partial(run_qemu, path, bs, depth, count, write, aio),
+                                      partial(run_ours, path, bs, depth, count, write))
             print(f"{name:<14} {aio:<9} {q:8.3f} {o:8.3f} {count / q:9.0f} {count / o:9.0f} "
                   f"{q / o:6.2f}", flush=True)  # fmt: skip
 
