@@ -52,7 +52,8 @@ class MemFile:
             self.buf.extend(bytes(end - len(self.buf)))
         self.buf[offset:end] = data
 
-    async def pwrite_zeroes(self, offset: int, length: int) -> None:
+    async def pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False
+                            ) -> None:  # fmt: skip
         await self.pwrite(offset, bytes(length))
 
     async def discard(self, offset: int, length: int) -> None:
@@ -76,3 +77,6 @@ class MemFile:
         self.events.append(name)
 
     wants_events = True
+    #: zero writes with no_fallback work, as fallocate on a regular file (handle_alloc_space
+    #: zeroes new clusters instead of writing COW buffers of zeros)
+    fast_zeroes = True

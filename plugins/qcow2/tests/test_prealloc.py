@@ -26,16 +26,6 @@ def _map(img: Path) -> list[dict[str, object]]:
 
 OPTS = ["", "cluster_size=4k", "cluster_size=2M", "extended_l2=on", "compat=0.10",
         "refcount_bits=1,cluster_size=512"]  # fmt: skip
-REFBLOCK_BUG = (
-    "a new refcount block is placed as QEMU's alloc_refcount_block does (after the run "
-    "that needed it, then the run retried), not in front of the run as refcount._reserve "
-    "does, so metadata preallocation with small clusters and 1-bit refcounts maps "
-    "clusters elsewhere"
-)
-
-
-def _layout_bug(mode: str, opts: str) -> str | None:
-    return REFBLOCK_BUG if mode == "metadata" and opts.startswith("refcount_bits=1") else None
 
 
 def _create_both(tmp_path: Path, how: str, mode: str, opts: str) -> tuple[Path, Path]:
@@ -67,23 +57,15 @@ def _flags(img: Path) -> list[tuple[bool, bool, bool, int]]:
     return out
 
 
-def _cases(bug_if: object) -> list[object]:
-    out = []
-    for how in ("api", "cli"):
-        for mode in ("metadata", "falloc", "full"):
-            for opts in OPTS if how == "api" else OPTS[:1]:  # the CLI runs the same code
-                reason = bug_if(mode, opts)  # type: ignore[operator]
-                marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-                out.append(pytest.param(how, mode, opts, marks=marks,
-                                        id=f"{how}-{mode}-{opts or 'default'}"))  # fmt: skip
-    return out
+CASES = [
+    pytest.param(how, mode, opts, id=f"{how}-{mode}-{opts or 'default'}")
+    for how in ("api", "cli")
+    for mode in ("metadata", "falloc", "full")
+    for opts in (OPTS if how == "api" else OPTS[:1])  # the CLI runs the same code
+]
 
 
-def _valid_bug(mode: str, opts: str) -> str | None:
-    return REFBLOCK_BUG if mode == "metadata" and opts.startswith("refcount_bits=1") else None
-
-
-@pytest.mark.parametrize(("how", "mode", "opts"), _cases(_valid_bug))
+@pytest.mark.parametrize(("how", "mode", "opts"), CASES)
 def test_preallocated_create_valid(tmp_path: Path, how: str, mode: str, opts: str) -> None:
     """Check clean, the file as big as qemu-img's, the same map flags, zeros to read."""
     ref, ours = _create_both(tmp_path, how, mode, opts)
@@ -95,7 +77,7 @@ def test_preallocated_create_valid(tmp_path: Path, how: str, mode: str, opts: st
     check_clean(ours)
 
 
-@pytest.mark.parametrize(("how", "mode", "opts"), _cases(lambda mode, opts: None))
+@pytest.mark.parametrize(("how", "mode", "opts"), CASES)
 def test_preallocated_create_reserves_space(tmp_path: Path, how: str, mode: str,
                                             opts: str) -> None:  # fmt: skip
     """falloc and full allocate the data area in the file as qemu-img does (within a
@@ -109,7 +91,7 @@ def test_preallocated_create_reserves_space(tmp_path: Path, how: str, mode: str,
         assert blocks["ours.qcow2"] >= blocks["ref.qcow2"] - 64 * 1024, blocks
 
 
-@pytest.mark.parametrize(("how", "mode", "opts"), _cases(_layout_bug))
+@pytest.mark.parametrize(("how", "mode", "opts"), CASES)
 def test_preallocated_create_same_layout(tmp_path: Path, how: str, mode: str, opts: str) -> None:
     """Byte for byte the qcow2 file qemu-img writes, host offsets in qemu-img map included."""
     ref, ours = _create_both(tmp_path, how, mode, opts)

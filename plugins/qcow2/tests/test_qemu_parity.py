@@ -1,6 +1,7 @@
 """The same qemu-io commands through QEMU's qemu-io and blockcore's, on twin images: the
 messages, ``qemu-img map --output=json``, the guest data and ``qemu-img check`` must agree
-(zero writes with NO_FALLBACK, compressed writes, extended L2 subcluster allocation)."""
+(zero writes with NO_FALLBACK, compressed writes, extended L2 subcluster allocation,
+placement of new refcount blocks and refcount table growth)."""
 
 from __future__ import annotations
 
@@ -166,3 +167,24 @@ def test_allocation_order_matches_qemu(tmp_path: Path, cmds: list[str], fragment
     checks = [qemu_img("check", str(p)).stdout for p in (theirs, ours)]
     assert checks[0] == checks[1]
     assert f"{fragmented} fragmented" in checks[1]
+
+
+# -------------------------------------------------------------------------------------------
+# New refcount blocks behind the run that needed them, and refcount table growth
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("opts", "size", "cmds"), [
+    ("cluster_size=1k", "64M", ["write -P 1 0 1M"]),
+    ("cluster_size=512,refcount_bits=64", "8M", ["write -P 1 0 3M"]),  # the table grows
+    ("cluster_size=512,refcount_bits=1", "64M",
+     ["write -P 1 0 3M", "discard 0 3M", "write -P 2 1M 5M", "write -P 3 20M 100k"]),
+    ("cluster_size=512,refcount_bits=4", "1G",
+     ["write -P 1 0 100k", "write -P 2 500M 100k", "write -P 3 100M 2M"]),
+], ids=["1k", "512-r64-growth", "512-r1-reuse", "512-r4-sparse"])  # fmt: skip
+def test_refcount_block_placement_matches_qemu(tmp_path: Path, opts: str, size: str,
+                                               cmds: list[str]) -> None:  # fmt: skip
+    theirs, ours = twins(tmp_path, opts, cmds, size=size)
+    maps = [json.loads(qemu_img("map", "--output=json", str(p)).stdout) for p in (theirs, ours)]
+    assert maps[0] == maps[1]  # host offsets included
+    assert ours.read_bytes() == theirs.read_bytes()

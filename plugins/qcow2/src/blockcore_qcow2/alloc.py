@@ -11,6 +11,7 @@ cluster_allocs list of QCowL2Meta), and requests touching the same clusters wait
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import TYPE_CHECKING
 
 import attrs
@@ -113,9 +114,13 @@ async def write_alloc(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
     try:
         try:
             async with img.unlocked():
-                out = await _with_cow(img, pos, data, a, b)
+                host = new + a - cstart
+                if await zero_new_space(img, pos, len(data), a, b, host):
+                    out, host = data, new + pos - cstart  # the COW regions read as zero now
+                else:
+                    out = await _with_cow(img, pos, data, a, b)
                 await img.file.event("write_aio")
-                await img.data.pwrite(new + a - cstart, out)
+                await img.data.pwrite(host, out)
         except BaseException:
             # qcow2_alloc_cluster_abort: nothing links the clusters, give them back
             if not img.has_data_file:
@@ -128,6 +133,46 @@ async def write_alloc(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
     finally:
         img.inflight.remove(m)
         m.done.set()
+
+
+async def zero_new_space(img: Qcow2Image, pos: int, length: int, a: int, b: int,
+                         host: int) -> bool:  # fmt: skip
+    """Zero the new guest range ``[a, b)``, at ``host`` in the data file, with one zero write
+    that must not fall back to writing buffers, instead of writing copy-on-write regions that
+    are all zeros (QEMU's handle_alloc_space). Only when the write ``[pos, pos+length)``
+    leaves COW regions, both cheaply prove to read as zero (is_zero_cow) and the data file
+    takes such writes at all. True when done: the caller writes the guest data alone; False
+    (also when the zero write turns out "not supported" or EAGAIN): copy on write as usual.
+    """
+    end = pos + length
+    if not img.data.fast_zeroes or (a == pos and b == end):
+        return False
+    if not (await _reads_as_zero_fast(img, a, pos - a)
+            and await _reads_as_zero_fast(img, end, b - end)):  # fmt: skip
+        return False
+    await img.file.event("cluster_alloc_space")
+    try:
+        await img.data.pwrite_zeroes(host, b - a, no_fallback=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
+async def _reads_as_zero_fast(img: Qcow2Image, offset: int, length: int) -> bool:
+    """Whether guest ``[offset, +length)`` is one run known to read as zeros (as
+    bdrv_co_is_zero_fast: a false answer proves nothing). Takes the lock itself."""
+    if not length:
+        return True
+    if img.is_zero_fast is not None:
+        return await img.is_zero_fast(offset, length)
+    if offset + length > img.header.size:
+        return False
+    stype, n, _ = await img.block_status(offset, length)
+    zero = stype in (ST.ZERO_PLAIN, ST.ZERO_ALLOC) or (
+        stype in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC) and not img.has_backing())
+    return zero and n >= length
 
 
 def _ctz32(x: int) -> int:

@@ -250,8 +250,19 @@ async def make_empty(img: Qcow2Image) -> None:
         disk = img.geo.size_to_l1(img.header.size)
         active = [0 if i < disk else e & L1E_OFFSET_MASK for i, e in enumerate(img.l1)]
         snapshots, table_size = await snapshot.read_table(img)
-        if img.header.version >= 3 and not snapshots and not img.has_data_file \
-                and img.header.extension(ExtType.BITMAPS) is None:  # fmt: skip
-            # where qcow2_make_empty takes its make_completely_empty path
+        l1_clusters = -(-len(img.l1) * 8 // img.geo.cluster_size)
+        completely = img.header.version >= 3 and not snapshots and not img.has_data_file \
+            and img.header.extension(ExtType.BITMAPS) is None \
+            and 3 + l1_clusters <= img.refcounts.entries_per_block  # fmt: skip
+        if completely:
+            # where qcow2_make_empty takes its make_completely_empty path, whose events
+            # frame the L1 table emptied, then the new L1 and refcount tables switched in
+            await img.file.event("l1_update")
             await img.file.event("empty_image_prepare")
-        await snapshot.commit(img, active, snapshots, img.header.size, keep_table=table_size)
+
+        async def switch_events() -> None:
+            await img.file.event("l1_update")
+            await img.file.event("reftable_update")
+
+        await snapshot.commit(img, active, snapshots, img.header.size, keep_table=table_size,
+                              before_switch=switch_events if completely else None)  # fmt: skip

@@ -20,7 +20,8 @@ class ImageFile(Protocol):
 
     async def pread(self, offset: int, buf: memoryview) -> None: ...
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
-    async def pwrite_zeroes(self, offset: int, length: int) -> None: ...
+    async def pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False
+                            ) -> None: ...  # fmt: skip
     async def discard(self, offset: int, length: int) -> None: ...
     async def flush(self) -> None: ...
     async def getlength(self) -> int: ...
@@ -30,6 +31,11 @@ class ImageFile(Protocol):
     @property
     def wants_events(self) -> bool:
         """Whether :meth:`event` does anything (lets hot paths skip the call)."""
+
+    @property
+    def fast_zeroes(self) -> bool:
+        """Whether zero writes with ``no_fallback`` can work at all (the node's
+        supported_zero_flags has NO_FALLBACK); they may still fail "not supported"."""
 
 
 class TableCache:

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from blockcore import backend, graph, hookimpl, io, special
+from blockcore import backend, graph, hookimpl, io, special, status
 from blockcore.aio import run_co
 from blockcore.errors import BlockError, NotSupportedError
 from blockcore.types import (
@@ -57,8 +57,10 @@ class ChildFile:
         view = memoryview(data)
         return io.bdrv_co_pwritev(self.child, offset, view.nbytes, view)
 
-    async def pwrite_zeroes(self, offset: int, length: int) -> None:
-        await io.bdrv_co_pwrite_zeroes(self.child, offset, length, F.NONE)
+    async def pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False
+                            ) -> None:  # fmt: skip
+        flags = F.NO_FALLBACK if no_fallback else F.NONE
+        await io.bdrv_co_pwrite_zeroes(self.child, offset, length, flags)
 
     async def discard(self, offset: int, length: int) -> None:
         await io.bdrv_co_pdiscard(self.child, offset, length)
@@ -79,6 +81,10 @@ class ChildFile:
     def wants_events(self) -> bool:
         drv = self.child.bs.drv
         return drv is not None and drv.bdrv_co_debug_event is not None
+
+    @property
+    def fast_zeroes(self) -> bool:
+        return bool(self.child.bs.supported_zero_flags & F.NO_FALLBACK)
 
 
 class BackendFile:
@@ -108,9 +114,10 @@ class BackendFile:
         await self._grow(offset + view.nbytes)
         await self.blk.co_pwritev(offset, view.nbytes, view)
 
-    async def pwrite_zeroes(self, offset: int, length: int) -> None:
+    async def pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False
+                            ) -> None:  # fmt: skip
         await self._grow(offset + length)
-        await self.blk.co_pwrite_zeroes(offset, length)
+        await self.blk.co_pwrite_zeroes(offset, length, F.NO_FALLBACK if no_fallback else F.NONE)
 
     async def discard(self, offset: int, length: int) -> None:
         await self.blk.co_pdiscard(offset, length)
@@ -128,6 +135,7 @@ class BackendFile:
         pass
 
     wants_events = False
+    fast_zeroes = False  # qemu-img create writes no guest data
 
 
 @attrs.define(eq=False)
@@ -260,6 +268,7 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
 
     image.backing = read_backing
     image.has_backing = lambda: bs.backing is not None
+    image.is_zero_fast = lambda offset, length: status.bdrv_co_is_zero_fast(bs, offset, length)
 
 
 def _cache_sizes(opt: dict[str, Any], header: Any, name: str) -> tuple[int, int]:
@@ -445,8 +454,6 @@ def bdrv_measure(options: dict[str, Any], in_bs: Any) -> BlockMeasureInfo:
 
 
 def _allocated_bytes(bs: Any, cs: int) -> int:
-    from blockcore import status
-
     total, pos, end = 0, 0, bs.total_bytes
     while pos < end:
         st = status.bdrv_block_status_above(bs, None, pos, end - pos)

@@ -87,6 +87,9 @@ class Qcow2Image:
         #: whether the node has a backing file now (the driver's answer follows graph
         #: changes; ``backing`` alone is always set under the driver and zero-fills)
         self.has_backing: Callable[[], bool] = lambda: self.backing is not None
+        #: whether a guest range cheaply proves to read as zeros, backing chain included
+        #: (the driver sets bdrv_co_is_zero_fast); None: this image's mapping decides
+        self.is_zero_fast: Callable[[int, int], Awaitable[bool]] | None = None
         self.lazy_refcounts = lazy_refcounts
         self.discard_request = discard_request
         self.discard_other = discard_other

@@ -117,7 +117,7 @@ class Refcounts:
     async def _block_for(self, cluster_index: int) -> tuple[int, bytearray]:
         t = cluster_index >> self.block_bits
         if t >= len(self.table) or not self.table[t]:
-            await self._reserve(0, {t})
+            await self._alloc_block(cluster_index)
         off = self._aligned(t)
         return off, await self.cache.get(off)
 
@@ -152,77 +152,70 @@ class Refcounts:
     # ------------------------------------------------------------------ allocation
 
     async def alloc_clusters(self, count: int) -> int:
-        """Find ``count`` contiguous free clusters, give them refcount 1, return the offset."""
+        """Find ``count`` contiguous free clusters, give them refcount 1, return the offset
+        (qcow2_alloc_clusters). A refcount block the run lacks is created first, behind the
+        run, and the search starts over (QEMU's -EAGAIN from alloc_refcount_block)."""
         await self.file.event("cluster_alloc")
-        start = await self._reserve(count, set())
+        while True:
+            start = await self._alloc_noref(count)
+            missing = self._first_uncovered(start, count)
+            if missing is None:
+                break
+            await self._alloc_block(missing)
+            self.free_cluster_index = min(self.free_cluster_index, start)
         for ci in range(start, start + count):
             await self.set(ci, 1)
-        self.free_cluster_index = start + count
         return start << self.cluster_bits
 
-    async def _reserve(self, count: int, ranges_wanted: set[int]) -> int:
-        """First cluster of a free run of ``count`` clusters whose refcount blocks all
-        exist. Missing blocks (and those in ``ranges_wanted``) are created first, in the
-        free clusters directly in front of the run (QEMU retries with -EAGAIN instead)."""
-        pos = self.free_cluster_index
+    def _first_uncovered(self, start: int, count: int) -> int | None:
+        """The first cluster of ``start .. start+count-1`` without a refcount block."""
         bb = self.block_bits
-        while True:
-            start = await self._find_free(pos, count)
-            k = 0
-            while True:
-                ranges = {t for t in ranges_wanted if t >= len(self.table) or not self.table[t]}
-                last = start + k + count - 1
-                for t in range(start >> bb, (max(last, start) >> bb) + 1):
-                    if t >= len(self.table) or not self.table[t]:
-                        ranges.add(t)
-                if len(ranges) == k:
-                    break
-                k = len(ranges)
-            if k == 0:
-                return start
-            if max(ranges) >= len(self.table):
-                await self._grow_table(max(ranges) + 1)
-                pos = self.free_cluster_index
-                continue
-            again = await self._find_free(start, count + k)
-            if again != start:
-                pos = again
-                continue
-            await self._create_blocks(sorted(ranges), start)
-            return start + k
+        for t in range(start >> bb, ((start + count - 1) >> bb) + 1):
+            if t >= len(self.table) or not self.table[t]:
+                return max(start, t << bb)
+        return None
 
-    async def _create_blocks(self, ranges: list[int], at: int) -> None:
-        """Write new refcount blocks for ``ranges`` into clusters ``at, at+1, ...``, then
-        hook them into the table (blocks reach the file before the entries naming them)."""
+    async def _alloc_noref(self, count: int) -> int:
+        """The first run of ``count`` free clusters from ``free_cluster_index``, which moves
+        past it; no refcount changes (alloc_clusters_noref)."""
+        start = await self._find_free(self.free_cluster_index, count)
+        self.free_cluster_index = start + count
+        return start
+
+    async def _alloc_block(self, cluster_index: int) -> None:
+        """Create the refcount block covering ``cluster_index`` (alloc_refcount_block): in the
+        first free cluster from ``free_cluster_index``, counted in itself or (its own range
+        lacking a block too) in a block made for it first; written, then hooked into the
+        table, or into a bigger table built behind both (qcow2_refcount_area)."""
         await self.file.event("refblock_alloc")
-        bb, mask = self.block_bits, self.entries_per_block - 1
-        new = {t: bytearray(self.cluster_size) for t in ranges}
-        for i in range(len(ranges)):
-            ci = at + i
-            t = ci >> bb
-            if t in new:
-                set_entry(new[t], ci & mask, self.order, 1)
-            else:
-                off = self.table[t]
-                block = await self.cache.get(off)
-                set_entry(block, ci & mask, self.order, get_entry(block, ci & mask, self.order) + 1)
-                self.cache.mark_dirty(off)
-        await self.cache.flush()
+        cs, bb = self.cluster_size, self.block_bits
+        t = cluster_index >> bb
+        new = await self._alloc_noref(1)
+        if new == 0:
+            raise ImageCorruptError("refusing to place a refcount block at offset 0",
+                                    self.file.name)  # fmt: skip
+        off = new << self.cluster_bits
+        if new >> bb != t:
+            await self.update(off, cs, 1)
+            await self.cache.flush()
+        block = await self.cache.get(off, load=False)
+        block[:] = bytes(cs)
+        if new >> bb == t:
+            set_entry(block, new & (self.entries_per_block - 1), self.order, 1)
         await self.file.event("refblock_alloc_write")
-        for i, t in enumerate(ranges):
-            await self.file.pwrite((at + i) << self.cluster_bits, new[t])
+        self.cache.mark_dirty(off)
+        await self.cache.flush()
         await self.file.flush()
-        await self.file.event("refblock_alloc_hookup")
-        for i, t in enumerate(ranges):
-            off = (at + i) << self.cluster_bits
-            # the entry reaches the file before the block counts in memory: if this write
-            # fails, nothing is counted into a block the table on disk does not name
+        if t < len(self.table):
+            await self.file.event("refblock_alloc_hookup")
             await self.file.pwrite(self.table_offset + 8 * t, struct.pack(">Q", off))
+            await self.file.flush()
             self.table[t] = off
-            cached = await self.cache.get(off, load=False)
-            cached[:] = new[t]
-        if self.free_cluster_index >= at:
-            self.free_cluster_index = max(self.free_cluster_index, at + len(ranges))
+            return
+        await self.file.event("reftable_grow")
+        blocks_used = -(-(max(cluster_index, new) + 1) // self.entries_per_block)
+        await self.refcount_area(blocks_used * self.entries_per_block * cs, 0, exact=False,
+                                 new_block=(t, off))  # fmt: skip
 
     async def _find_free(self, start: int, count: int) -> int:
         run_start, run = start, 0
@@ -270,47 +263,6 @@ class Refcounts:
         self.free_byte_offset = new + size
         return new
 
-    async def _grow_table(self, min_entries: int) -> None:
-        """Move the refcount table to a bigger one at the end of the covered range, with
-        new self-describing refcount blocks for the area it occupies."""
-        await self.file.event("reftable_grow")
-        epb, cs = self.entries_per_block, self.cluster_size
-        new_entries = max(min_entries, len(self.table) * 3 // 2 + 1)
-        first_ci = len(self.table) << self.block_bits
-        nb_blocks = 1
-        while True:
-            need_entries = max(new_entries, (first_ci >> self.block_bits) + nb_blocks + 1)
-            table_clusters = -(-need_entries * 8 // cs)
-            area = nb_blocks + table_clusters
-            blocks_needed = -(-area // epb)
-            if blocks_needed <= nb_blocks:
-                break
-            nb_blocks = blocks_needed
-        new_entries = table_clusters * cs // 8
-        if new_entries * 8 > MAX_REFTABLE_SIZE:
-            raise BlockError(errno.EFBIG, "refcount table would exceed 8 MiB", self.file.name)
-        t0 = first_ci >> self.block_bits
-        new_table = self.table + [0] * (new_entries - len(self.table))
-        await self.file.event("refblock_alloc_write_blocks")
-        for i in range(nb_blocks):
-            block = bytearray(cs)
-            for j in range(epb):
-                ci = ((t0 + i) << self.block_bits) + j
-                if first_ci <= ci < first_ci + nb_blocks + table_clusters:
-                    set_entry(block, j, self.order, 1)
-            boff = (first_ci + i) << self.cluster_bits
-            await self.file.pwrite(boff, block)
-            new_table[t0 + i] = boff
-        toff = (first_ci + nb_blocks) << self.cluster_bits
-        await self.file.event("refblock_alloc_write_table")
-        await self.file.pwrite(toff, b"".join(struct.pack(">Q", e) for e in new_table))
-        await self.file.flush()
-        await self.file.event("refblock_alloc_switch_table")
-        old_off, old_clusters = self.table_offset, self.table_clusters
-        self.table, self.table_offset, self.table_clusters = new_table, toff, table_clusters
-        await self.set_table(toff, table_clusters)
-        await self.update(old_off, old_clusters << self.cluster_bits, -1)
-
     async def get_last_cluster(self, file_size: int) -> int:
         """Index of the last cluster below ``file_size`` in use, -1 if none
         (qcow2_get_last_cluster)."""
@@ -323,19 +275,28 @@ class Refcounts:
         """Give the free clusters from ``offset`` on (at most ``count``, up to the first
         used one) refcount 1; their number (qcow2_alloc_clusters_at)."""
         first = offset >> self.cluster_bits
-        n = 0
-        while n < count and await self.get(first + n) == 0:
-            n += 1
+        while True:
+            n = 0
+            while n < count and await self.get(first + n) == 0:
+                n += 1
+            missing = self._first_uncovered(first, n) if n else None
+            if missing is None:
+                break
+            await self._alloc_block(missing)  # then count again: it may have taken one
+            self.free_cluster_index = min(self.free_cluster_index, first)
         for ci in range(first, first + n):
             await self.set(ci, 1)
         return n
 
-    async def refcount_area(self, start: int, additional: int, exact: bool) -> int:
+    async def refcount_area(self, start: int, additional: int, exact: bool,
+                            new_block: tuple[int, int] | None = None) -> int:  # fmt: skip
         """Build refcount structures at ``start`` (the end of the used file) that cover
         themselves and ``additional`` clusters after them: the missing refcount blocks,
         then a new refcount table, switched in with one header write; the old table is
         freed. Returns where the ``additional`` clusters go (QEMU's qcow2_refcount_area,
         used to preallocate without refcount updates in the middle of the data).
+        ``new_block``: (table index, offset) of a block written already, below ``start``,
+        that the new table names too (alloc_refcount_block's).
         """
         cs, epb = self.cluster_size, self.entries_per_block
         blocks, _ = refcount_metadata_counts(start // cs + additional, cs, self.order,
@@ -353,6 +314,8 @@ class Refcounts:
         # entries past the area are empty by the caller's guarantee: growing keeps all
         # the used ones, shrinking (improbable) drops only empty ones
         new_table = list(self.table[: min(used, entries)]) + [0] * (entries - min(used, entries))
+        if new_block is not None:
+            new_table[new_block[0]] = new_block[1]
         missing = sum(1 for t in range(first_t, blocks) if not new_table[t])
         table_off = start + missing * cs
         end = table_off + table_clusters * cs

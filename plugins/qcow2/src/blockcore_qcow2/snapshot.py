@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -434,13 +435,16 @@ async def _count_bitmaps(img: Qcow2Image, refs: _Refs) -> None:
 
 async def commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapshot],
                  size: int, *, keep_table: int = 0, refcount_order: int | None = None,
-                 version: int | None = None, discard: bool = False) -> None:  # fmt: skip
+                 version: int | None = None, discard: bool = False,
+                 before_switch: Callable[[], Awaitable[None]] | None = None
+                 ) -> None:  # fmt: skip
     """Make (active L1 = ``active`` L2 offsets, ``snapshots``, virtual ``size``) the image's
     state with one header write. ``keep_table``: the snapshot table on disk is unchanged and
     this many bytes long. ``refcount_order``: build the new refcount structure with entries
     of ``1 << refcount_order`` bits (amend's refcount_bits). ``version``: header version to
     write (amend's upgrade). ``discard``: punch the clusters the switch frees in the file
-    (pass-discard-snapshot). The caller holds the image lock and flushed the caches."""
+    (pass-discard-snapshot). ``before_switch``: called right before the header write (debug
+    events). The caller holds the image lock and flushed the caches."""
     geo, rc, h = img.geo, img.refcounts, img.header
     order = rc.order if refcount_order is None else refcount_order
     max_refcount = (1 << (1 << order)) - 1
@@ -558,6 +562,8 @@ async def commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapsho
         new_header = attrs.evolve(new_header, version=version, header_length=V3_HEADER_LENGTH,
                                   extra_fields=bytes(V3_HEADER_LENGTH - 105))  # fmt: skip
         new_header = new_header.with_standard_extensions(h.backing_format, h.data_file)
+    if before_switch is not None:
+        await before_switch()
     await img.write_header(new_header)
 
     # The new state is live: bring the in-memory structures in line.
