@@ -18,7 +18,6 @@ from pathlib import Path
 
 import attrs
 import pytest
-
 from blockcore_qcow2 import alloc
 from blockcore_qcow2.format import empty_image
 from blockcore_qcow2.image import Qcow2Image
@@ -128,6 +127,16 @@ def test_partial_zero_write_past_short_backing(tmp_path: Path) -> None:
     cmds = ["write -z -n 2M 512", "write -z -n 1020k 512", "write -z 1023k 2k", "map"]
     theirs, _ = exact_twins(tmp_path, "", cmds, backing=raw)
     assert zero_mapped(theirs, 2 << 20)["depth"] == 0
+
+
+@pytest.mark.parametrize("backed", [False, True], ids=["alone", "backing"])
+def test_partial_zero_write_in_partial_last_cluster(tmp_path: Path, backed: bool) -> None:
+    """A disk of 4 MiB + 4 KiB: the rest of the last cluster is past the end and counts as
+    zero; a request ending at the disk's end has no tail."""
+    raw = sparse_raw(tmp_path, size=(4 << 20) + 4096, data=()) if backed else None
+    cmds = ["write -z -n 4096k 512", "write -z -n 4098k 512", "write -P 1 4099k 512",
+            "write -z -n 4099k 1k", "write -z -n 4099k 512", "map"]  # fmt: skip
+    exact_twins(tmp_path, "", cmds, backing=raw, size=str((4 << 20) + 4096))
 
 
 def test_partial_zero_write_extended_l2_over_backing(tmp_path: Path) -> None:

@@ -80,11 +80,9 @@ async def reads_as_zero(img: Qcow2Image, offset: int, length: int) -> bool:
     while pos < end:
         async with img.lock:
             run = await img.lookup(pos, end - pos)
-        if run.type in (ST.ZERO_PLAIN, ST.ZERO_ALLOC):
-            pass
-        elif run.type in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC) and not img.has_backing():
-            pass
-        else:
+        unallocated = run.type in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC)
+        if not (run.type in (ST.ZERO_PLAIN, ST.ZERO_ALLOC) or unallocated
+                and not img.has_backing()):  # fmt: skip
             return False
         pos += run.length
     return True
