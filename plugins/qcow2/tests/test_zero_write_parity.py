@@ -6,12 +6,17 @@ guest data (``qemu-img compare``) and a clean ``qemu-img check``.
 - a zero write covering part of a subcluster zeroes the whole one when the rest of it reads
   as zero through the backing chain (QEMU's is_zero asks block status), else falls back;
 - a write into a zero cluster that keeps its host space (ZERO_ALLOC with COPIED) reuses that
-  cluster (cluster_needs_new_alloc, handle_copied with keep_old_clusters).
+  cluster (cluster_needs_new_alloc, handle_copied with keep_old_clusters);
+- a discard on a v2 image with a backing file is refused (qcow2_co_pdiscard).
+
+Where ours differs on purpose: zero writes and discards wait for allocating writes in flight
+on their clusters (QEMU's do not, and the race tests below show what that costs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -303,6 +308,7 @@ def check_result(path: Path) -> dict[str, int]:
 
 
 ZERO_ALLOC_SETUP = [("w", 0, 65536), ("z", 0, 65536)]
+ZERO_ALLOC_SETUP_CMDS = ["write -P 1 0 64k", "write -z 0 64k"]
 ZEROS = bytes(65536)
 
 
@@ -350,3 +356,22 @@ def test_not_waiting_as_qemu_would_corrupt(tmp_path: Path, monkeypatch: pytest.M
              backing=0x55)  # fmt: skip
     assert not r.second_waited
     assert r.first_cluster[:4096] == b"\x55" * 4096  # neither zero-then-write nor the reverse
+
+
+@pytest.mark.skipif(importlib.util.find_spec("blockcore_blkdebug") is None,
+                    reason="needs the blkdebug driver")  # fmt: skip
+def test_zero_write_during_reuse_through_qemu_io(tmp_path: Path) -> None:
+    """The same race driven by qemu-io commands with a blkdebug breakpoint: ours finishes the
+    write first, then the zero write, and the image is clean. (QEMU 7.2's qemu-io, given
+    these commands, leaves "ERROR cluster 5 refcount=0 reference=1".)"""
+    path = create(tmp_path / "r.qcow2", "4M")
+    qemu_io(path, *ZERO_ALLOC_SETUP_CMDS)
+    lines, rc = run_io(BLOCKCORE_IO, Path(f"blkdebug::{path}"), [
+        "break write_aio A", "aio_write -P 2 4k 4k", "wait_break A",
+        "aio_write -z -u 0 64k", "resume A", "aio_flush"])  # fmt: skip
+    wrote = [ln for ln in lines if ln.startswith("wrote")]
+    assert rc == 0 and wrote == ["wrote 4096/4096 bytes at offset 4096",
+                                 "wrote 65536/65536 bytes at offset 0"], lines  # fmt: skip
+    res = check_result(path)
+    assert res.get("corruptions", 0) == 0 and res.get("leaks", 0) == 0, res
+    assert "fail" not in qemu_io(path, "read -P 0 0 64k")
