@@ -57,40 +57,61 @@ async def wait_dependencies(img: Qcow2Image, start: int, end: int) -> None:
         await wait_for(img, m)
 
 
-async def write_inplace_ext(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
-                            data: memoryview) -> None:  # fmt: skip
-    """Extended L2, a run of allocated, host-contiguous clusters: widen to subcluster
-    bounds (copying what the subclusters read as now), write with the lock dropped, then
-    mark the subclusters allocated (handle_copied's QCowL2Meta with keep_old_clusters)."""
+async def write_kept(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
+                     data: memoryview, n: int) -> None:  # fmt: skip
+    """Write into ``n`` host-contiguous clusters the image owns alone (COPIED, with data or
+    zero with host space): as they are when every touched subcluster holds data, else
+    widened over the zero or unallocated (sub)clusters at either end (copying what they read
+    as now) and the L2 entries pointed at the same clusters again, which clears their zero
+    state (handle_copied's QCowL2Meta with keep_old_clusters)."""
     geo = img.geo
-    ss, cs = geo.subcluster_size, geo.cluster_size
-    end = pos + len(data)
-    a = pos - pos % ss
-    b = -(-end // ss) * ss
+    cs = geo.cluster_size
+    cstart = geo.start_of_cluster(pos)
     host = img._host(img._entry(l2, geo.offset_to_l2_index(pos))[0], pos)
-    host += geo.offset_into_cluster(a)
-    await img.check_overlap(host, b - a)
-    m = InFlight(geo.start_of_cluster(pos), -(-end // cs) * cs)
+    bounds = keep_bounds(img, l2, pos, pos + len(data), n)
+    if bounds is None:
+        await img.check_overlap(host + pos - cstart, len(data))
+        async with img.unlocked():
+            await img.file.event("write_aio")
+            await img.data.pwrite(host + pos - cstart, data)
+        return
+    a, b = bounds
+    await img.check_overlap(host + a - cstart, b - a)
+    m = InFlight(cstart, cstart + n * cs)
     img.inflight.append(m)
     try:
         async with img.unlocked():
             out = await _with_cow(img, pos, data, a, b)
             await img.file.event("write_aio")
-            await img.data.pwrite(host, out)
-        l2off, l2 = await img._l2_for_write(l1_index)
-        for cstart in range(m.start, m.end, cs):
-            idx = geo.offset_to_l2_index(cstart)
-            entry, bitmap = img._entry(l2, idx)
-            first = geo.offset_to_sc_index(max(a, cstart))
-            last = geo.offset_to_sc_index(min(b, cstart + cs) - 1)
-            mask = ((1 << (last + 1 - first)) - 1) << first
-            new_bitmap = (bitmap | mask) & ~(mask << 32)
-            if new_bitmap != bitmap:
-                img._set_entry(l2, idx, entry, new_bitmap)
-                img.l2_cache.mark_dirty(l2off)
+            await img.data.pwrite(host + a - cstart, out)
+        await link(img, l1_index, cstart, host, n, a - cstart, b - cstart, keep_old=True)
     finally:
         img.inflight.remove(m)
         m.done.set()
+
+
+def keep_bounds(img: Qcow2Image, l2: bytearray, pos: int, end: int,
+                n: int) -> tuple[int, int] | None:  # fmt: skip
+    """For a write of ``[pos, end)`` into ``n`` kept clusters: None when every touched
+    subcluster is NORMAL, else the guest range to write, ``[pos, end)`` stretched to the
+    subcluster (or, without extended L2, cluster) bounds at an end whose subcluster reads as
+    zero or from the backing file (calculate_l2_meta with keep_old)."""
+    geo = img.geo
+    cs = geo.cluster_size
+    cstart = geo.start_of_cluster(pos)
+    idx = geo.offset_to_l2_index(pos)
+    types = []
+    for k in range(n):
+        entry, bitmap = img._entry(l2, idx + k)
+        first = geo.offset_to_sc_index(max(pos, cstart + k * cs))
+        last = geo.offset_to_sc_index(min(end, cstart + (k + 1) * cs) - 1)
+        types += [subcluster_type(entry, bitmap, sc, geo) for sc in range(first, last + 1)]
+    if all(t is ST.NORMAL for t in types):
+        return None
+    ss = geo.subcluster_size
+    a = pos if types[0] is ST.NORMAL else pos - pos % ss
+    b = end if types[-1] is ST.NORMAL else -(-end // ss) * ss
+    return a, b
 
 
 async def write_alloc(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
@@ -232,11 +253,11 @@ async def _with_cow(img: Qcow2Image, pos: int, data: memoryview, cstart: int,
 
 
 async def link(img: Qcow2Image, l1_index: int, cstart: int, new: int, n: int,
-               written_from: int, written_to: int) -> None:  # fmt: skip
+               written_from: int, written_to: int, keep_old: bool = False) -> None:  # fmt: skip
     """Point the L2 entries of guest clusters ``cstart..`` at ``new..`` and free what they
-    held; with extended L2, mark the subclusters of ``[written_from, written_to)`` (relative
-    to ``cstart``) allocated. The table is looked up again: it may have left the cache while
-    we were unlocked."""
+    held (unless ``keep_old``: the same clusters); with extended L2, mark the subclusters of
+    ``[written_from, written_to)`` (relative to ``cstart``) allocated. The table is looked
+    up again: it may have left the cache while we were unlocked."""
     geo = img.geo
     cs = geo.cluster_size
     await img._link_dependency()
@@ -256,5 +277,5 @@ async def link(img: Qcow2Image, l1_index: int, cstart: int, new: int, n: int,
             new_bitmap = (bitmap | mask) & ~(mask << 32)
         img._set_entry(l2, idx + k, (new + k * cs) | OFLAG_COPIED, new_bitmap)
     img.l2_cache.mark_dirty(l2off)
-    for entry, bitmap in old:
+    for entry, bitmap in [] if keep_old else old:
         await img._free_entry(entry, bitmap)

@@ -36,26 +36,28 @@ async def write_zeroes(img: Qcow2Image, offset: int, length: int, unmap: bool) -
     """Make whole (sub)clusters read as zero in metadata (qcow2_co_pwrite_zeroes).
 
     A request covering part of a (sub)cluster (the core sends those alone) zeroes the whole
-    one when the rest of it already reads as zero, as QEMU does; otherwise, and for v2 images
-    with a backing file, NotSupportedError makes the core write zeros (or fail, with
-    NO_FALLBACK).
+    one when the rest of it already reads as zero (``img.is_zero``: through the backing
+    chain under the driver), as QEMU does; otherwise, and for v2 images with a backing
+    file, NotSupportedError makes the core write zeros (or fail, with NO_FALLBACK).
     """
     geo = img.geo
     unit = geo.subcluster_size
+    head = offset % unit
+    tail = -(offset + length) % unit
+    if offset + length >= img.header.size:
+        tail = 0  # the disk's last, partial subcluster counts as whole
+    if head + length + tail > unit and (head or tail):
+        raise NotSupportedError("zero write not aligned to (sub)clusters", img.file.name)
+    # asked before taking the lock, which the node's block status takes (as QEMU)
+    if (head or tail) and not (await img.is_zero(offset - head, head)
+                               and await img.is_zero(offset + length, tail)):  # fmt: skip
+        raise NotSupportedError("zero write covers part of a (sub)cluster whose rest "
+                                "is not zero", img.file.name)  # fmt: skip
     async with img.lock:
         await img.ensure_writable()
         await alloc.wait_dependencies(img, geo.start_of_cluster(offset), offset + length)
-        head = offset % unit
-        tail = -(offset + length) % unit
-        if offset + length >= img.header.size:
-            tail = 0  # the disk's last, partial subcluster counts as whole
-        if head + length + tail > unit and (head or tail):
-            raise NotSupportedError("zero write not aligned to (sub)clusters", img.file.name)
         if head or tail:
-            if not (await reads_as_zero(img, offset - head, head)
-                    and await reads_as_zero(img, offset + length, tail)):
-                raise NotSupportedError("zero write covers part of a (sub)cluster whose rest "
-                                        "is not zero", img.file.name)  # fmt: skip
+            # a write may have come in since the check: only unallocated or zero ones
             offset -= head
             length = unit
             run = await img.lookup(offset, unit)
@@ -71,21 +73,28 @@ async def write_zeroes(img: Qcow2Image, offset: int, length: int, unmap: bool) -
 
 
 async def reads_as_zero(img: Qcow2Image, offset: int, length: int) -> bool:
-    pos, end = offset, offset + length
+    """Whether ``[offset, offset+length)`` (clipped to the disk) reads as zeros by this
+    image's own mapping: zero clusters, or unallocated ones with no backing file."""
+    end = min(offset + length, img.header.size)
+    pos = offset
     while pos < end:
-        run = await img.lookup(pos, end - pos)
-        if run.type in (ST.ZERO_PLAIN, ST.ZERO_ALLOC):
-            pass
-        elif run.type in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC) and not img.has_backing():
-            pass
-        else:
+        async with img.lock:
+            run = await img.lookup(pos, end - pos)
+        unallocated = run.type in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC)
+        if not (run.type in (ST.ZERO_PLAIN, ST.ZERO_ALLOC) or unallocated
+                and not img.has_backing()):  # fmt: skip
             return False
         pos += run.length
     return True
 
 
 async def discard(img: Qcow2Image, offset: int, length: int) -> None:
-    """Free whole clusters; v3 (or a backing file) leaves them reading as zero."""
+    """Free whole clusters; v3 (or a backing file) leaves them reading as zero. A v2 image
+    with a backing file refuses (NotSupportedError, which the core ignores): without zero
+    clusters the backing file's data would show (qcow2_co_pdiscard)."""
+    if img.header.version < 3 and img.has_backing():
+        raise NotSupportedError("v2 image with backing file: discard would expose the "
+                                "backing file", img.file.name)  # fmt: skip
     geo = img.geo
     cs = geo.cluster_size
     a = -(-offset // cs) * cs

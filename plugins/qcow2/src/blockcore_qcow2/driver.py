@@ -269,6 +269,19 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     image.backing = read_backing
     image.has_backing = lambda: bs.backing is not None
     image.is_zero_fast = lambda offset, length: status.bdrv_co_is_zero_fast(bs, offset, length)
+    image.is_zero = lambda offset, length: _is_zero(bs, offset, length)
+
+
+async def _is_zero(bs: Any, offset: int, length: int) -> bool:
+    """Whether the node reads as zeros there, backing chain included, by block status (QEMU's
+    is_zero in qcow2.c: clipped to the disk; zeros of different kinds come in pieces)."""
+    end = min(offset + length, bs.total_bytes)
+    while offset < end:
+        st = await status.bdrv_co_block_status_above(bs, None, offset, end - offset)
+        if not st.pnum or not st.ret & S.ZERO:
+            return False
+        offset += st.pnum
+    return True
 
 
 def _cache_sizes(opt: dict[str, Any], header: Any, name: str) -> tuple[int, int]:

@@ -90,6 +90,11 @@ class Qcow2Image:
         #: whether a guest range cheaply proves to read as zeros, backing chain included
         #: (the driver sets bdrv_co_is_zero_fast); None: this image's mapping decides
         self.is_zero_fast: Callable[[int, int], Awaitable[bool]] | None = None
+        #: whether guest ``[offset, offset+length)`` reads as zeros, asked without the lock
+        #: (QEMU's is_zero: the driver asks the node's block status, backing chain
+        #: included; alone the engine knows only its own zero and unallocated clusters)
+        self.is_zero: Callable[[int, int], Awaitable[bool]] = (
+            lambda offset, length: clusterops.reads_as_zero(self, offset, length))
         self.lazy_refcounts = lazy_refcounts
         self.discard_request = discard_request
         self.discard_other = discard_other
@@ -593,7 +598,10 @@ class Qcow2Image:
         return await self._write_some(l2off, l2, pos, stop, offset, buf)
 
     def _inplace(self, entry: int) -> bool:
-        return cluster_type(entry, self.geo) is CT.NORMAL and bool(entry & OFLAG_COPIED)
+        """Whether a write keeps the entry's host cluster: data or zero with host space,
+        referenced only here (QEMU's cluster_needs_new_alloc is false)."""
+        return (cluster_type(entry, self.geo) in (CT.NORMAL, CT.ZERO_ALLOC)
+                and bool(entry & OFLAG_COPIED))  # fmt: skip
 
     async def _write_some(self, l2off: int, l2: bytearray, pos: int, stop: int,
                           offset: int, buf: memoryview) -> int:  # fmt: skip
@@ -618,13 +626,7 @@ class Qcow2Image:
         run_end = min(stop, pos - geo.offset_into_cluster(pos) + n * cs)
         data = buf[pos - offset : run_end - offset]
         if inplace:
-            if geo.extended_l2:
-                await alloc.write_inplace_ext(self, geo.offset_to_l1_index(pos), l2, pos, data)
-            else:
-                await self.check_overlap(host0 + geo.offset_into_cluster(pos), len(data))
-                async with self.unlocked():
-                    await self.file.event("write_aio")
-                    await self.data.pwrite(host0 + geo.offset_into_cluster(pos), data)
+            await alloc.write_kept(self, geo.offset_to_l1_index(pos), l2, pos, data, n)
             return run_end
         await alloc.write_alloc(self, geo.offset_to_l1_index(pos), l2, pos, data, n)
         return run_end
