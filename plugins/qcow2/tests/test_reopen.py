@@ -49,7 +49,10 @@ def both(tmp_path: Path, image: Path, cmds: list[str], *args: str) -> dict[str, 
     for tool in ("qemu", "ours"):
         copies[tool] = tmp_path / f"{tool}-{image.name}"
         shutil.copyfile(image, copies[tool])
-        out[tool] = run_io(tool, copies[tool], cmds, *args)
+        tool_cmds = [c.replace("IMG", str(copies[tool])) for c in cmds]
+        got = run_io(tool, copies[tool], tool_cmds, *args)
+        out[tool] = tuple(part.replace(str(copies[tool]), "IMG") if isinstance(part, str)
+                          else part for part in got)  # fmt: skip
     assert out["ours"] == out["qemu"]
     return copies
 
@@ -131,6 +134,19 @@ def test_bad_options_as_qemu_io(tmp_path: Path, opts: str) -> None:
     """``reopen -o`` with a bad cache option: QEMU's message, and the node still works."""
     img = create(tmp_path / "e.qcow2", "64M")
     both(tmp_path, img, [f"reopen -o {opts}", "write -P 7 0 4k", "read -P 7 0 4k"])
+
+
+OTHER_ERRORS = ["overlap-check=sometimes", "lazy-refcounts=maybe", "pass-discard-other=x",
+                "pass-discard-request=2", "pass-discard-snapshot=", "foo=bar"]  # fmt: skip
+
+
+@pytest.mark.parametrize("opts", OTHER_ERRORS)
+def test_other_bad_options_as_qemu_io(tmp_path: Path, opts: str) -> None:
+    """The same message at reopen and at open (the parsing is shared)."""
+    img = create(tmp_path / "e.qcow2", "1M")
+    both(tmp_path, img, [f"reopen -o {opts}", "write 0 4k", "close", f"open -o {opts} IMG"])
+    _out, err, _rc = run_io("ours", img, [f"reopen -o {opts}"])
+    assert err.startswith(("Parameter '", "Unsupported value 'sometimes'", "Cannot change"))
 
 
 def test_lazy_refcounts_on_compat_0_10_as_qemu_io(tmp_path: Path) -> None:
