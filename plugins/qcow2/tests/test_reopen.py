@@ -110,6 +110,10 @@ COMMANDS = {
                        "reopen -o pass-discard-request=on,pass-discard-other=on",
                        "discard 0 64k"], []),
     "unknown-option": (["reopen -o foo=bar", "write 0 4k"], []),
+    "bad-option-keeps-read-only": (["reopen -w -o lazy-refcounts=foo", "write 0 4k",
+                                    "reopen -w -o l2-cache-size=1M", "write -P 1 0 4k",
+                                    "reopen -r -o overlap-check=x", "write -P 2 0 4k",
+                                    "read -P 2 0 4k"], ["-r"]),
 }  # fmt: skip
 
 
