@@ -99,7 +99,9 @@ def prepare(bs: Any, options: dict[str, Any], flags: OpenFlags) -> ReopenState:
                              "permitted", name)  # fmt: skip
         _run(bs, img.mark_clean(), "Failed to disable lazy refcounts")
     if writable:
-        _run(bs, _flush_caches(img), "Failed to flush the metadata caches")
+        _run(bs, _locked(img, img.l2_cache.flush()), "Failed to flush the L2 table cache")
+        _run(bs, _locked(img, img.refcounts.flush()),
+             "Failed to flush the refcount block cache")  # fmt: skip
     if state.to_read_only:
         try:
             _store_bitmaps(bs, img, state)
@@ -118,10 +120,9 @@ def _run(bs: Any, coro: Any, what: str) -> None:
                          getattr(exc, "filename", None)) from exc  # fmt: skip
 
 
-async def _flush_caches(img: Qcow2Image) -> None:
+async def _locked(img: Qcow2Image, coro: Any) -> None:
     async with img.lock:
-        await img.l2_cache.flush()
-        await img.refcounts.flush()
+        await coro
 
 
 async def _flush_and_mark_clean(img: Qcow2Image) -> None:
