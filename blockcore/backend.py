@@ -117,11 +117,13 @@ class BlockBackend:
         return blk
 
     @api(Tier.GS)
-    def reopen(self, read_only: bool) -> None:
+    def reopen(self, read_only: bool, options: dict[str, Any] | None = None,
+               flags: OpenFlags | None = None) -> None:  # fmt: skip
         """Reopen the image read-only or read-write, adjusting this backend's write
-        permission (qemu-io ``reopen -r``/``-w``). Tier: GS."""
+        permission (qemu-io ``reopen -r``/``-w``), with new runtime ``options`` and open
+        ``flags`` (default: the current ones) in the same transaction. Tier: GS."""
         global_state_code("BlockBackend.reopen")
-        from .graph import bdrv_reopen_set_read_only
+        from .lifecycle import bdrv_reopen
 
         root = self.root
         if root is None:
@@ -130,7 +132,9 @@ class BlockBackend:
         if read_only:
             root.perm &= ~(Perm.WRITE | Perm.RESIZE)
         try:
-            bdrv_reopen_set_read_only(root.bs, read_only)
+            new = root.bs.open_flags if flags is None else flags
+            bdrv_reopen(root.bs, new & ~OpenFlags.RDWR if read_only else new | OpenFlags.RDWR,
+                        options)  # fmt: skip
             if not read_only:
                 root.perm |= Perm.WRITE
                 from .graph import bdrv_refresh_perms

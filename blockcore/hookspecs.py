@@ -209,8 +209,25 @@ def bdrv_reopen_commit(bs: BlockDriverState, state: Any) -> None:
 
 
 @hookspec
+def bdrv_reopen_commit_post(bs: BlockDriverState, state: Any) -> None:
+    """Finish a committed reopen once every node of it has committed and the permissions
+    are in place (QEMU's bdrv_reopen_commit_post): e.g. write to a child that just became
+    writable. Tier: GS. Must not fail: report a problem and leave the node usable. Optional.
+    """
+
+
+@hookspec
 def bdrv_reopen_abort(bs: BlockDriverState, state: Any) -> None:
     """Undo a prepared reopen. Tier: GS. Optional."""
+
+
+@hookspec
+def bdrv_join_options(options: dict[str, Any], old_options: dict[str, Any]) -> dict[str, Any]:
+    """Return the options a reopen prepares with: the new ``options`` over the node's
+    current runtime options ``old_options`` (QEMU's bdrv_join_options). Tier: GS.
+
+    Optional. If not implemented, every new option simply replaces the old one.
+    """
 
 
 @hookspec

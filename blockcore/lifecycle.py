@@ -354,13 +354,42 @@ def bdrv_refresh_total_bytes(bs: BlockDriverState) -> None:
 # -------------------------------------------------------------------------------------------
 
 
+def _runtime_names(node: BlockDriverState) -> set[str]:
+    return {o.name for o in node.drv.descriptor.runtime_opts} if node.drv is not None else set()
+
+
+def _reopen_options(node: BlockDriverState, new: dict[str, Any]) -> dict[str, Any]:
+    """The options a driver with reopen hooks prepares with: ``new`` over the node's current
+    runtime options, joined by the driver's ``bdrv_join_options`` if it has one (QEMU's
+    bdrv_reopen_queue_child keeps the old options; an option not given keeps its value)."""
+    drv = node.drv
+    if drv is None or drv.bdrv_reopen_prepare is None:  # type: ignore[attr-defined]
+        return dict(new)
+    names = _runtime_names(node)
+    old = {k: v for k, v in node.options.items() if k in names}
+    if drv.bdrv_join_options is not None:  # type: ignore[attr-defined]
+        return dict(drv.bdrv_join_options(dict(new), old))  # type: ignore[attr-defined]
+    return {**old, **new}
+
+
+def _check_unhandled(node: BlockDriverState, left: dict[str, Any]) -> None:
+    """Options the driver's prepare left in place may not differ from the current ones."""
+    for key, value in left.items():
+        if key not in node.options or node.options[key] != value:
+            raise BlockError(errno.EINVAL, f"Cannot change the option '{key}'", node.filename)
+
+
 @api(Tier.GS)
 def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] | None = None
                 ) -> None:  # fmt: skip
     """Switch ``bs`` (and the storage children below it) to ``flags``, e.g. read-only <->
-    read-write, transactionally: every driver prepares, permissions are checked, then all
-    commit; on any failure all abort and nothing changes. Tier: GS.
+    read-write, and its runtime ``options``, transactionally: every driver prepares,
+    permissions are checked, then all commit; on any failure all abort and nothing
+    changes. Tier: GS.
 
+    Options not given keep their current values (the node's ``options``); a driver's
+    prepare removes the options it handles, and the ones left must equal the current
+    ones. After the commits, ``bdrv_reopen_commit_post`` runs on every node.
     Formats and filters without reopen hooks accept a change of flags and no options;
     protocol drivers without them (they hold the storage open) refuse any change, as QEMU.
     """
@@ -370,7 +399,7 @@ def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] 
     queue: list[tuple[BlockDriverState, OpenFlags, dict[str, Any]]] = []
 
     def collect(node: BlockDriverState, nflags: OpenFlags, opts: dict[str, Any]) -> None:
-        queue.append((node, nflags, opts))
+        queue.append((node, nflags, _reopen_options(node, opts)))
         for c in node.children:
             if not c.role & ChildRole.COW:
                 child_rw = (c.bs.open_flags & ~OpenFlags.RDWR) | (nflags & OpenFlags.RDWR)
@@ -379,17 +408,17 @@ def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] 
     collect(bs, flags, dict(options or {}))
     bdrv_drained_begin(bs)
     try:
-        prepared: list[tuple[BlockDriverState, Any, OpenFlags]] = []
+        prepared: list[tuple[BlockDriverState, Any, OpenFlags, dict[str, Any]]] = []
         try:
             for node, nflags, opts in queue:
                 drv = node.drv
                 if drv is None:
                     raise BlockError(errno.ENOMEDIUM, "no medium", node.node_name)
+                left = dict(opts)
                 if drv.bdrv_reopen_prepare is not None:  # type: ignore[attr-defined]
-                    state = drv.bdrv_reopen_prepare(node, opts, nflags)  # type: ignore[attr-defined]
+                    state = drv.bdrv_reopen_prepare(node, left, nflags)  # type: ignore[attr-defined]
                 elif opts:
-                    raise BlockError(errno.EINVAL, f"cannot change the option "
-                                     f"{next(iter(opts))!r} of driver {drv.name!r}", node.filename)
+                    state = None
                 elif nflags != node.open_flags and drv.descriptor.protocol_name is not None:
                     # a protocol driver holds the storage open with the old access mode
                     raise BlockError(errno.ENOTSUP, f"block driver {drv.name!r} used by node "
@@ -397,22 +426,28 @@ def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] 
                                      node.filename)  # fmt: skip
                 else:
                     state = None
-                prepared.append((node, state, node.open_flags))
+                prepared.append((node, state, node.open_flags, opts))
+                _check_unhandled(node, left)
                 node.open_flags = nflags
             _refresh_perms(bs)
         except BaseException:
-            for node, state, old in reversed(prepared):
+            for node, state, old, _opts in reversed(prepared):
                 node.open_flags = old
                 if node.drv.bdrv_reopen_abort is not None:  # type: ignore[union-attr]
                     node.drv.bdrv_reopen_abort(node, state)  # type: ignore[union-attr]
             raise
-        for node, state, _old in prepared:
+        for node, state, _old, opts in prepared:
             if node.drv.bdrv_reopen_commit is not None:  # type: ignore[union-attr]
                 node.drv.bdrv_reopen_commit(node, state)  # type: ignore[union-attr]
+            names = _runtime_names(node)
+            node.options = {**{k: v for k, v in node.options.items() if k not in names}, **opts}
         # limits may change with the new flags (cache.direct brings O_DIRECT alignment);
         # children first, so parents merge the new values
-        for node, _state, _old in reversed(prepared):
+        for node, _state, _old, _opts in reversed(prepared):
             bdrv_refresh_limits(node)
+        for node, state, _old, _opts in prepared:
+            if node.drv.bdrv_reopen_commit_post is not None:  # type: ignore[union-attr]
+                node.drv.bdrv_reopen_commit_post(node, state)  # type: ignore[union-attr]
     finally:
         bdrv_drained_end(bs)
 

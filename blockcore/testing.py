@@ -18,7 +18,6 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-
 from .backend import BlockBackend
 from .drivers import hookimpl, register_driver, unregister_driver
 from .errors import BlockError
@@ -147,8 +146,7 @@ class MemoryDriver(InProcessDriver):
     @hookimpl
     def bdrv_reopen_prepare(self, bs: BlockDriverState, options: dict[str, Any], flags: Any
                             ) -> None:  # fmt: skip
-        if options:
-            raise BlockError(errno.EINVAL, f"cannot change the option {next(iter(options))!r}")
+        """Nothing to change: the core refuses options that differ from the current ones."""
 
     @hookimpl
     def bdrv_refresh_limits(self, bs: BlockDriverState, limits: BlockLimits) -> BlockLimits:

@@ -266,8 +266,22 @@ def test_reopen_refuses_options_the_driver_cannot_change(memdrv) -> None:
 
     drv = memdrv()
     with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
-        with pytest.raises(BlockError, match="cannot change the option 'size'"):
+        with pytest.raises(BlockError, match="Cannot change the option 'size'"):
             bdrv_reopen(blk.bs, blk.bs.open_flags, {"size": 8192})
+        assert blk.bs.options["size"] == 4096
+
+
+def test_reopen_keeps_options_not_given_and_accepts_unchanged_ones(memdrv) -> None:
+    """As QEMU's reopen queue: the node's options are merged under the new ones, so an
+    option given again with its current value is no change."""
+    from blockcore.graph import bdrv_reopen
+
+    drv = memdrv()
+    with BlockBackend.open(None, {"driver": drv.name, "size": 4096}, OpenFlags.RDWR) as blk:
+        bdrv_reopen(blk.bs, blk.bs.open_flags, {"size": 4096})
+        assert blk.bs.options["size"] == 4096
+        blk.pwrite(0, b"still open")
+        assert blk.pread(0, 10) == b"still open"
 
 
 def test_debug_breakpoint_without_blkdebug_is_not_supported(memdrv) -> None:

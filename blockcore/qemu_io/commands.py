@@ -369,14 +369,16 @@ def reopen_f(s: Session, argv: list[str]) -> int:
 
     bs = s.blk.bs
     try:
-        if has_rw or "read-only" in new_opts:
+        read_only = not bs.open_flags & OpenFlags.RDWR
+        if has_rw:
             read_only = not flags & OpenFlags.RDWR
-            if "read-only" in new_opts:
-                read_only = new_opts.pop("read-only") in ("on", "true", "yes")
-            if read_only != (not bs.open_flags & OpenFlags.RDWR):
-                s.blk.reopen(read_only)
+        if "read-only" in new_opts:
+            read_only = new_opts.pop("read-only") in ("on", "true", "yes")
         rest_flags = (flags & ~OpenFlags.RDWR) | (bs.open_flags & OpenFlags.RDWR)
-        if new_opts or rest_flags != bs.open_flags:
+        if read_only != (not bs.open_flags & OpenFlags.RDWR):
+            # one transaction: a bad option leaves the access mode as it was (as QEMU)
+            s.blk.reopen(read_only, new_opts, rest_flags)
+        elif new_opts or rest_flags != bs.open_flags:
             bdrv_reopen(bs, rest_flags, new_opts)
     except (OSError, ValueError) as exc:
         msg, hint = describe_error(exc)

@@ -187,9 +187,7 @@ async def load(img: Qcow2Image, make: Any, writable: bool) -> list[BdrvDirtyBitm
     """
     if stale_extension(img):
         if writable:
-            h = img.header
-            exts = tuple(e for e in h.extensions if e.type != ExtType.BITMAPS)
-            await img.write_header(attrs.evolve(h, extensions=exts))
+            await drop_stale_extension(img)
         return []
     entries = await read_directory(img)
     out = []
@@ -219,6 +217,49 @@ async def load(img: Qcow2Image, make: Any, writable: bool) -> list[BdrvDirtyBitm
             e.flags |= BME_FLAG_IN_USE
         await _rewrite_directory_in_place(img, entries)
     return out
+
+
+async def drop_stale_extension(img: Qcow2Image) -> None:
+    """Remove a bitmaps extension whose autoclear bit a program without bitmap support
+    cleared: its bitmaps may be stale (done when the image becomes writable)."""
+    if stale_extension(img):
+        h = img.header
+        exts = tuple(e for e in h.extensions if e.type != ExtType.BITMAPS)
+        await img.write_header(attrs.evolve(h, extensions=exts))
+
+
+async def reopen_rw(img: Qcow2Image, bitmaps: list[BdrvDirtyBitmap], filename: str) -> None:
+    """The image became writable: mark every loaded bitmap in-use on disk and make the
+    in-memory ones writable (qcow2_reopen_bitmaps_rw, with QEMU's checks and messages)."""
+    if stale_extension(img) or _ext_fields(img) is None:
+        return
+    by_name = {b.name: b for b in bitmaps if b.persistent}
+    entries = await read_directory(img)
+    update = False
+    for e in entries:
+        bm = by_name.get(e.name)
+        if bm is None:
+            raise BlockError(errno.EINVAL, f"Unexpected bitmap '{e.name}' in image "
+                             f"'{filename}'", filename)  # fmt: skip
+        if not e.flags & BME_FLAG_IN_USE:
+            if not bm.readonly:
+                raise BlockError(errno.EINVAL, f"Corruption: bitmap '{e.name}' is not marked "
+                                 f"IN_USE in the image '{filename}' and not marked readonly "
+                                 "in RAM", filename)  # fmt: skip
+            if bm.inconsistent:
+                raise BlockError(errno.EINVAL, f"Corruption: bitmap '{e.name}' is "
+                                 "inconsistent but is not marked IN_USE in the image "
+                                 f"'{filename}'", filename)  # fmt: skip
+            e.flags |= BME_FLAG_IN_USE
+            update = True
+        elif bm.readonly and not bm.inconsistent:
+            raise BlockError(errno.EINVAL, f"Corruption: bitmap '{e.name}' is marked IN_USE "
+                             f"in the image '{filename}' but it is readonly and consistent "
+                             "in RAM", filename)  # fmt: skip
+    if update:
+        await _rewrite_directory_in_place(img, entries)
+    for e in entries:
+        by_name[e.name].readonly = False
 
 
 async def _rewrite_directory_in_place(img: Qcow2Image, entries: list[BitmapEntry]) -> None:

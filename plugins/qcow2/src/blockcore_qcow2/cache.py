@@ -111,6 +111,16 @@ class TableCache:
             await self.file.pwrite(off, self.tables[off])
             self.dirty.discard(off)
 
+    def resize(self, capacity: int) -> None:
+        """Hold at most ``capacity`` tables from now on, dropping the least recently used
+        clean ones; flush first, as a dirty table over the new capacity is kept."""
+        self.capacity = max(2, capacity)
+        for off in list(self.tables):
+            if len(self.tables) <= self.capacity:
+                break
+            if off not in self.dirty:
+                del self.tables[off]
+
     def discard(self, offset: int) -> None:
         """Forget a table whose cluster was freed (without writing it)."""
         self.tables.pop(offset, None)

@@ -32,11 +32,12 @@ from blockcore.types import (
 )
 from blockcore.util import parse_bool, parse_size
 
-from . import compress
+from . import compress, reopen
 from .check import check_image
 from .cluster import SubclusterType as ST
 from .format import QCOW_MAGIC, Autoclear, Compat, Incompat, empty_image, prealloc_size
 from .image import Qcow2Image, read_header
+from .options import RUNTIME_OPTS, join_options, parse_runtime_options, pop_runtime_options
 
 F = BdrvRequestFlags
 S = BlockStatusFlags
@@ -165,20 +166,6 @@ CREATE_OPTS = (
     OptionSpec("extended_l2", "bool", "extended L2 tables (32 subclusters)", False),
     OptionSpec("compression_type", "string", "zlib or zstd", "zlib"),
 )
-RUNTIME_OPTS = (
-    OptionSpec("lazy-refcounts", "bool", "postpone refcount updates (header default)"),
-    OptionSpec("pass-discard-request", "bool", "pass guest discards to the file",),
-    OptionSpec("pass-discard-snapshot", "bool", "punch clusters snapshot operations free", True),
-    OptionSpec("pass-discard-other", "bool", "discard other freed clusters in the file", False),
-    OptionSpec("l2-cache-size", "size", "bytes of L2 tables cached", 1 << 20),
-    OptionSpec("refcount-cache-size", "size", "bytes of refcount blocks cached", 256 << 10),
-    OptionSpec("cache-size", "size", "L2 plus refcount cache bytes"),
-    OptionSpec("l2-cache-entry-size", "size", "validated; whole L2 tables are cached"),
-    OptionSpec("overlap-check", "string", "accepted for compatibility; not implemented"),
-    OptionSpec("cache-clean-interval", "number", "validated; caches are never cleaned", 0),
-)
-
-
 # -------------------------------------------------------------------------------------------
 # GS hooks
 # -------------------------------------------------------------------------------------------
@@ -205,7 +192,7 @@ def bdrv_probe(buf: bytes, filename: str | None) -> int:
 
 @hookimpl
 def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
-    opt = {o.name: options.pop(o.name) for o in RUNTIME_OPTS if o.name in options}
+    opt = pop_runtime_options(options)
     graph.bdrv_open_child(bs, options, "file", ChildRole.IMAGE)
     name = bs.file.bs.filename or bs.node_name
     file = ChildFile(bs.file, name)
@@ -229,29 +216,19 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     elif "data-file" in options:
         raise BlockError(errno.EINVAL, "'data-file' can only be set for images with an "
                          "external data file", name)  # fmt: skip
-    cs = header.cluster_size
-    l2_bytes, rc_bytes = _cache_sizes(opt, header, name)
-    lazy = opt.get("lazy-refcounts")
+    ro = parse_runtime_options(opt, header, flags, name)
     image = run_co(bs, Qcow2Image.open(
         file, data_file=data, read_only=not rw, header=header,
-        l2_cache_tables=max(2, l2_bytes // cs), refcount_cache_tables=max(4, rc_bytes // cs),
-        lazy_refcounts=parse_bool(lazy, "lazy-refcounts") if lazy is not None else None,
-        discard_request=parse_bool(opt.get("pass-discard-request", bool(flags & OpenFlags.UNMAP)),
-                                   "pass-discard-request"),
-        discard_other=parse_bool(opt.get("pass-discard-other", False), "pass-discard-other"),
+        l2_cache_tables=ro.l2_tables, refcount_cache_tables=ro.refcount_tables,
+        lazy_refcounts=ro.lazy_refcounts, discard_request=ro.discard_request,
+        discard_other=ro.discard_other,
     ))  # fmt: skip
     # read by .snapshot: punch clusters snapshot operations free (QEMU's default: on)
-    image.discard_snapshot = parse_bool(  # type: ignore[attr-defined]
-        opt.get("pass-discard-snapshot", True), "pass-discard-snapshot")
-    if image.lazy_refcounts and header.version < 3:
-        raise BlockError(errno.EINVAL, "lazy refcounts need a v3 image (compat=1.1)", name)
+    image.discard_snapshot = ro.discard_snapshot  # type: ignore[attr-defined]
     if rw and image.dirty and not flags & OpenFlags.CHECK:
-        run_co(bs, _repair_dirty(image))
-    known = int(Autoclear.DATA_FILE_RAW | Autoclear.BITMAPS)  # ~ of an IntFlag drops bits
-    if rw and header.autoclear_features & ~known:
-        # Autoclear bits we do not maintain must be cleared before writing.
-        keep = image.header.autoclear_features & known
-        run_co(bs, image.write_header(attrs.evolve(image.header, autoclear_features=keep)))
+        run_co(bs, reopen.repair_dirty(image))
+    if rw:
+        run_co(bs, reopen.clear_unknown_autoclear(image))
     if header.version < 3:
         bs.supported_zero_flags = 0  # no zero clusters: NO_FALLBACK can never work (QEMU)
     bs.backing_file = header.backing_file or ""
@@ -284,77 +261,29 @@ async def _is_zero(bs: Any, offset: int, length: int) -> bool:
     return True
 
 
-def _cache_sizes(opt: dict[str, Any], header: Any, name: str) -> tuple[int, int]:
-    """L2 and refcount cache bytes from the options, with QEMU's rules and messages
-    (read_cache_sizes, qcow2_update_options_prepare). Unlike QEMU (32 MiB at most, 4
-    refcount blocks), the defaults stay 1 MiB of L2 tables and a quarter of that for
-    refcount blocks; ``l2-cache-entry-size`` is validated only, as whole tables are cached."""
-
-    def verbatim(msg: str) -> BlockError:
-        exc = BlockError(errno.EINVAL, msg, name)
-        exc.verbatim = True  # type: ignore[attr-defined]  # QEMU's lowercase start
-        return exc
-
-    def size(key: str) -> int:
-        try:
-            return parse_size(opt[key])
-        except (BlockError, ValueError):
-            raise BlockError(errno.EINVAL, f"Parameter '{key}' expects a non-negative number "
-                             "below 2^64", name) from None  # fmt: skip
-
-    cs = header.cluster_size
-    entry_bytes = 16 if header.extended_l2 else 8
-    max_l2 = -(-(-(-header.size // cs) * entry_bytes) // cs) * cs  # every L2 table
-    l2 = min(max_l2, size("l2-cache-size")) if "l2-cache-size" in opt else 1 << 20
-    rc = size("refcount-cache-size") if "refcount-cache-size" in opt else max(4 * cs, l2 // 4)
-    if "cache-size" in opt:
-        total = size("cache-size")
-        if "l2-cache-size" in opt and "refcount-cache-size" in opt:
-            raise verbatim("cache-size, l2-cache-size and refcount-cache-size may not be set "
-                           "at the same time")
-        if "l2-cache-size" in opt and size("l2-cache-size") > total:
-            raise verbatim("l2-cache-size may not exceed cache-size")
-        if "refcount-cache-size" in opt and rc > total:
-            raise verbatim("refcount-cache-size may not exceed cache-size")
-        if "l2-cache-size" in opt:
-            rc = total - l2
-        elif "refcount-cache-size" in opt:
-            l2 = total - rc
-        elif total >= max_l2 + 4 * cs:
-            l2, rc = max_l2, total - max_l2  # as much as possible to the L2 cache
-        else:
-            rc = min(total, 4 * cs)
-            l2 = total - rc
-    entry = size("l2-cache-entry-size") if "l2-cache-entry-size" in opt else cs
-    if entry < 512 or entry > cs or entry & (entry - 1):
-        raise BlockError(errno.EINVAL, "L2 cache entry size must be a power of two between "
-                         f"512 and the cluster size ({cs})", name)  # fmt: skip
-    if "cache-clean-interval" in opt:
-        try:
-            text = str(opt["cache-clean-interval"]).strip()
-            # strtoull base 0: 0x.. hex, 0.. octal, else decimal
-            octal = len(text) > 1 and text[0] == "0" and text[1] not in "xX"
-            interval = int(text, 8) if octal else int(text, 0)
-        except ValueError:
-            raise BlockError(errno.EINVAL, "Parameter 'cache-clean-interval' expects a number",
-                             name) from None  # fmt: skip
-        if not 0 <= interval <= 0xFFFFFFFF:  # QEMU parses it unsigned: -1 is too big
-            raise BlockError(errno.EINVAL, "Cache clean interval too big", name)
-    return l2, rc
+@hookimpl
+def bdrv_reopen_prepare(bs: Any, options: dict[str, Any], flags: OpenFlags) -> Any:
+    return reopen.prepare(bs, options, flags)
 
 
-async def _repair_dirty(image: Qcow2Image) -> None:
-    """Lazy refcounts left stale refcounts behind: rebuild them (as qcow2_co_open)."""
-    result = BdrvCheckResult()
-    try:
-        await check_image(image, result, BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS)
-    finally:
-        # QEMU's check prints its lines to stderr here too (qemu-io shows them)
-        sys.stderr.writelines(line + "\n" for line in result.messages)
-        sys.stderr.flush()
-    await image.refcounts.flush()
-    await image.set_incompat(Incompat.DIRTY, False)
-    image.dirty = False
+@hookimpl
+def bdrv_reopen_commit(bs: Any, state: Any) -> None:
+    reopen.commit(bs, state)
+
+
+@hookimpl
+def bdrv_reopen_commit_post(bs: Any, state: Any) -> None:
+    reopen.commit_post(bs, state)
+
+
+@hookimpl
+def bdrv_reopen_abort(bs: Any, state: Any) -> None:
+    reopen.abort(bs, state)
+
+
+@hookimpl
+def bdrv_join_options(options: dict[str, Any], old_options: dict[str, Any]) -> dict[str, Any]:
+    return join_options(options, old_options)
 
 
 @hookimpl
@@ -766,14 +695,11 @@ def _load_bitmaps(bs: Any, image: Qcow2Image, rw: bool) -> None:
 def _store_bitmaps(bs: Any, image: Qcow2Image) -> None:
     """Write the persistent bitmaps back and release them (qcow2_store_persistent_dirty_bitmaps);
     a failure loses them, as in QEMU, but does not stop the close."""
-    import sys
 
     from . import bitmap
 
-    todo = [b for b in bs.dirty_bitmaps
-            if b.persistent and b.name and not b.readonly and not b.inconsistent]  # fmt: skip
     try:
-        run_co(bs, bitmap.store(image, todo))
+        run_co(bs, bitmap.store(image, reopen.writable_bitmaps(bs)))
     except OSError as exc:
         sys.stderr.write(f"Lost persistent bitmaps during inactivation of node "
                          f"'{bs.node_name}': {exc.strerror or exc}\n")  # fmt: skip

@@ -191,6 +191,11 @@ class Qcow2Image:
         """Clean shutdown: write everything and clear the dirty bit (lazy refcounts)."""
         if self.read_only:
             return
+        await self.mark_clean()
+
+    async def mark_clean(self) -> None:
+        """Write every cached table, refcount blocks included, then clear the dirty bit
+        (qcow2_mark_clean): the refcounts on disk are right again."""
         await self.l2_cache.flush()
         await self.refcounts.flush()
         if self.dirty:
