@@ -192,16 +192,15 @@ def test_write_into_zero_alloc_over_backing(tmp_path: Path) -> None:
 
 
 def test_write_into_zero_alloc_shared_with_snapshot(tmp_path: Path) -> None:
-    """Without COPIED (a snapshot holds the cluster too) a write allocates a new one.
-    Whole clusters: QEMU zeroes the COW areas of a new cluster in the file instead of
-    writing them (handle_alloc_space), which this test leaves out."""
+    """Without COPIED (a snapshot holds the cluster too) a write allocates a new one; the
+    partial one zeroes the COW areas of the new cluster in one request (handle_alloc_space)."""
 
     def prep(path: Path) -> None:
         qemu_io(path, *ZERO_ALLOC)
         qemu_img("snapshot", "-c", "s1", str(path))
 
-    theirs, _ = exact_twins(tmp_path, "", ["write -P 2 0 64k", "write -P 3 128k 128k", "map"],
-                            prep=prep)  # fmt: skip
+    theirs, _ = exact_twins(tmp_path, "", ["write -P 2 0 64k", "write -P 3 128k 128k",
+                                           "write -P 4 68k 4k", "map"], prep=prep)  # fmt: skip
     assert zero_mapped(theirs, 0)["offset"] != 5 * 65536
 
 

@@ -81,9 +81,7 @@ async def write_kept(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
     img.inflight.append(m)
     try:
         async with img.unlocked():
-            out = await _with_cow(img, pos, data, a, b)
-            await img.file.event("write_aio")
-            await img.data.pwrite(host + a - cstart, out)
+            await _write_filled(img, pos, data, a, b, host + a - cstart)
         await link(img, l1_index, cstart, host, n, a - cstart, b - cstart, keep_old=True)
     finally:
         img.inflight.remove(m)
@@ -135,13 +133,7 @@ async def write_alloc(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
     try:
         try:
             async with img.unlocked():
-                host = new + a - cstart
-                if await zero_new_space(img, pos, len(data), a, b, host):
-                    out, host = data, new + pos - cstart  # the COW regions read as zero now
-                else:
-                    out = await _with_cow(img, pos, data, a, b)
-                await img.file.event("write_aio")
-                await img.data.pwrite(host, out)
+                await _write_filled(img, pos, data, a, b, new + a - cstart)
         except BaseException:
             # qcow2_alloc_cluster_abort: nothing links the clusters, give them back
             if not img.has_data_file:
@@ -154,6 +146,20 @@ async def write_alloc(img: Qcow2Image, l1_index: int, l2: bytearray, pos: int,
     finally:
         img.inflight.remove(m)
         m.done.set()
+
+
+async def _write_filled(img: Qcow2Image, pos: int, data: memoryview, a: int, b: int,
+                        host: int) -> None:  # fmt: skip
+    """With the lock dropped: write ``data`` (guest ``pos``) into the clusters whose guest
+    ``[a, b)`` starts at ``host``, the copy-on-write regions around it zeroed in one request
+    when they read as zero (handle_alloc_space, for new and kept clusters alike), else
+    copied (perform_cow)."""
+    if await zero_new_space(img, pos, len(data), a, b, host):
+        out, host = data, host + pos - a  # the COW regions read as zero now
+    else:
+        out = await _with_cow(img, pos, data, a, b)
+    await img.file.event("write_aio")
+    await img.data.pwrite(host, out)
 
 
 async def zero_new_space(img: Qcow2Image, pos: int, length: int, a: int, b: int,
