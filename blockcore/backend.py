@@ -327,7 +327,10 @@ class BlockBackend:
         """Resize the image. Tier: I/O."""
         self.in_flight += 1
         try:
-            root = await self._start(0, 0, False)
+            try:
+                root = await self._start(0, 0, False)
+            except NoMediumError as exc:  # blk_co_truncate's own wording
+                raise NoMediumError("no medium inserted", exc.filename) from None
             async with bdrv_graph_co_rdlock():
                 await bdrv_co_truncate(root, offset, exact, prealloc, flags)
         finally:

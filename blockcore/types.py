@@ -148,7 +148,9 @@ class PreallocMode(enum.Enum):
         try:
             return cls(name)
         except ValueError:
-            raise BlockError(errno.EINVAL, f"invalid parameter value: {name!r}") from None
+            err = BlockError(errno.EINVAL, f"invalid parameter value: {name}")
+            err.verbatim = True  # type: ignore[attr-defined]  # QEMU's text, lowercase kept
+            raise err from None
 
 
 class BdrvCheckMode(enum.IntFlag):

@@ -72,11 +72,11 @@ def print_option_help(fmt: str, filename: str | None) -> int:
     return 0
 
 
-def _create_opts(fmt: str) -> CreateOpts:
+def _create_opts(fmt: str, filename: str) -> CreateOpts:
     from ..errors import DriverNotFoundError
 
     try:
-        opts = CreateOpts(fmt)
+        opts = CreateOpts(fmt, filename=filename)
     except DriverNotFoundError as exc:
         text = exc.strerror or ""
         extra = f" ({text})" if "failed to load" in text else ""
@@ -93,7 +93,7 @@ def img_create_image(filename: str, fmt: str, base_filename: str | None, base_fm
                      options: str | None, img_size: int | None, flags: OpenFlags,
                      quiet: bool) -> None:
     """``bdrv_img_create``; errors are ``CliError`` without the filename prefix."""
-    opts = _create_opts(fmt)
+    opts = _create_opts(fmt, filename)
     if options:
         opts.parse(options)
     if opts.get("size") is None:

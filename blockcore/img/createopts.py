@@ -79,12 +79,34 @@ class _Desc:
     help: str
     default: str | None
     driver_knows: bool
+    protocol_help: str | None = None
+    """The help text of a protocol other than ``file`` that declares this option (it wins)."""
+
+
+def _protocol_opts(filename: str | None
+                   ) -> tuple[list[tuple[str, str | None]], dict[str, str], dict[str, str]]:
+    """Order, types and help of the create options of the protocol ``filename`` names, which
+    QEMU lists after the format's: ``file``'s unless another protocol (a device) has some."""
+    if filename is not None:
+        from ..drivers import bdrv_find_protocol
+
+        try:
+            drv = bdrv_find_protocol(filename)
+        except (OSError, ValueError):
+            drv = None
+        specs = drv.descriptor.create_opts if drv is not None and drv.name != "file" else ()
+        if specs:
+            return ([(o.name, None) for o in specs], {o.name: o.type for o in specs},
+                    {o.name: o.help[:1].upper() + o.help[1:] for o in specs})  # fmt: skip
+    return FILE_ORDER, FILE_TYPES, FILE_HELP
 
 
 class CreateOpts:
-    """A QemuOpts over the union of a format's and the file protocol's create options."""
+    """A QemuOpts over the union of a format's and its protocol's create options (the
+    protocol ``filename`` names; ``file`` without one)."""
 
-    def __init__(self, fmt: str, with_protocol: bool = True) -> None:
+    def __init__(self, fmt: str, with_protocol: bool = True, filename: str | None = None
+                 ) -> None:  # fmt: skip
         from ..drivers import bdrv_find_format
 
         drv = bdrv_find_format(fmt)
@@ -93,18 +115,26 @@ class CreateOpts:
         self.driver_opts = set(specs)
         self.can_create = drv.bdrv_co_create_opts is not None  # type: ignore[attr-defined]
         order = list(QEMU_ORDER.get(fmt, [(o.name, None) for o in drv.descriptor.create_opts]))
+        proto_order, proto_types, proto_help = _protocol_opts(filename)
         if with_protocol:
-            order += FILE_ORDER
+            order += proto_order
+        own_help = proto_help is not FILE_HELP
+        qemu_names = {n for n, _ in QEMU_ORDER.get(fmt, [])}
         descs: list[_Desc] = []
         seen: set[str] = set()
         for name, default in order:
             if name in seen:
                 continue
             spec = specs.get(name)
+            # the format's own option keeps its text (QEMU appends only new protocol names)
+            override = proto_help.get(name) if own_help and with_protocol and \
+                name not in qemu_names else None  # fmt: skip
             if spec is not None:
-                descs.append(_Desc(name, spec.type, spec.help, default, True))
-            elif name == "size" or (with_protocol and name in FILE_TYPES):
-                descs.append(_Desc(name, FILE_TYPES[name], FILE_HELP[name], default, False))
+                descs.append(_Desc(name, spec.type, spec.help, default, True, override))
+            elif name == "size" or (with_protocol and name in proto_types):
+                descs.append(_Desc(name, proto_types.get(name, "size"),
+                                   proto_help.get(name, FILE_HELP.get(name, "")), default, False,
+                                   override))  # fmt: skip
             else:
                 continue  # the driver does not implement it: do not offer it
             seen.add(name)
@@ -190,7 +220,7 @@ def _parse_value(desc: _Desc, value: str) -> Any:
 def _help_line(fmt: str, d: Any) -> str:
     """One option as ``qemu_opts_print_help`` prints it."""
     text = f"  {d.name}=<{_TYPE_NAMES.get(d.type, d.type)}>"
-    help_text = (QEMU_HELP_BY_FORMAT.get((fmt, d.name)) or QEMU_HELP.get(d.name)
+    help_text = (getattr(d, "protocol_help", None) or QEMU_HELP_BY_FORMAT.get((fmt, d.name)) or QEMU_HELP.get(d.name)
                  or FILE_HELP.get(d.name) or d.help)
     return text.ljust(24) + f" - {help_text}" if help_text else text
 
@@ -207,7 +237,7 @@ def amend_option_help(fmt: str, names: Collection[str]) -> str:
 
 def option_help(fmt: str, filename: str | None) -> str:
     """``print_block_option_help``: the options, sorted, QEMU's column layout."""
-    opts = CreateOpts(fmt, with_protocol=filename is not None)
+    opts = CreateOpts(fmt, with_protocol=filename is not None, filename=filename)
     lines = ["Supported options:" if filename else f"Supported {fmt} options:"]
     lines += [_help_line(fmt, d) for d in sorted(opts.descs, key=lambda d: d.name)]
     text = "\n".join(lines) + "\n"

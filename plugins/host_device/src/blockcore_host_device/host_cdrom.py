@@ -9,6 +9,7 @@ import stat
 from typing import Any
 
 from blockcore import hookimpl
+from blockcore.create import CREATE_OPTS_SIMPLE, bdrv_co_create_opts_simple
 from blockcore.errors import BlockError, NoMediumError
 from blockcore.graph import BlockDriverState
 from blockcore.types import BdrvRequestFlags, Concurrency, DriverDescriptor, OpenFlags
@@ -43,6 +44,7 @@ def bdrv_describe() -> DriverDescriptor:
         format_name="host_cdrom",
         protocol_name="host_cdrom",
         concurrency=Concurrency.PARALLEL,
+        create_opts=CREATE_OPTS_SIMPLE,
         runtime_opts=RUNTIME_OPTS,
         needs_filename=True,
     )
@@ -66,6 +68,12 @@ def bdrv_probe_device(filename: str) -> int:
     finally:
         layer.close(fd)
     return 100
+
+
+@hookimpl
+async def bdrv_co_create_opts(filename: str, options: dict[str, Any]) -> None:
+    """As host_device's: format the medium in place (QEMU gives both the same fallback)."""
+    await bdrv_co_create_opts_simple("host_cdrom", filename, options)
 
 
 @hookimpl

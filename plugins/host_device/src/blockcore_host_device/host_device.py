@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 from blockcore import hookimpl, posix
+from blockcore.create import CREATE_OPTS_SIMPLE, bdrv_co_create_opts_simple
 from blockcore.errors import BlockError, NotSupportedError, PermissionConflictError
 from blockcore.graph import BlockDriverState
 from blockcore.info import bdrv_apply_auto_read_only
@@ -92,6 +93,7 @@ def bdrv_describe() -> DriverDescriptor:
         protocol_name="host_device",
         supported_zero_flags=F.MAY_UNMAP | F.NO_FALLBACK,
         concurrency=Concurrency.PARALLEL,
+        create_opts=CREATE_OPTS_SIMPLE,
         runtime_opts=RUNTIME_OPTS,
         needs_filename=True,
     )
@@ -133,6 +135,12 @@ def _check_node(driver: str, filename: str, mode: int) -> None:
     """Refuse what the driver cannot open, saying which driver to use instead."""
     if stat.S_ISBLK(mode) or (driver == "host_device" and stat.S_ISCHR(mode)):
         return  # character devices: only SCSI generic nodes pass the check after open
+    if driver == "host_device" and stat.S_ISREG(mode):
+        # QEMU's hdev_open text, as it is: a failed create prints it after its own prefix
+        err = BlockError(errno.EINVAL, f"'host_device' driver requires '{filename}' to be "
+                         "either a character or block device", filename)  # fmt: skip
+        err.hint = "Use driver 'file' for image files."  # type: ignore[attr-defined]
+        raise err
     want = "a block device" if driver == "host_cdrom" else "a block device or an sg node"
     hint = {
         "a regular file": "use driver 'file' for image files",
@@ -440,16 +448,24 @@ async def bdrv_co_getlength(bs: BlockDriverState) -> int:
 async def bdrv_co_truncate(
     bs: BlockDriverState, offset: int, exact: bool, prealloc: PreallocMode, flags: BdrvRequestFlags
 ) -> None:
-    """Devices keep their size: "resizing" to it, or to less with ``exact`` False, succeeds
-    (QEMU's raw_co_truncate for devices)."""
+    """Devices keep their size: "resizing" to it, or to less with ``exact`` False, succeeds;
+    nothing can be preallocated (QEMU's raw_co_truncate for devices)."""
     st = state(bs)
+    if prealloc is not PreallocMode.OFF:
+        raise NotSupportedError(f"Preallocation mode '{prealloc.value}' unsupported for this "
+                                "non-regular file", st.filename)  # fmt: skip
+    # QEMU's texts and order (a failed create prints them as they are)
     size = device_length(st)
-    if offset > size:
-        raise BlockError(errno.EINVAL, f"cannot grow device files ({offset} > {size} bytes)",
-                         st.filename)  # fmt: skip
     if exact and offset != size:
-        raise NotSupportedError(f"cannot resize device files ({size} bytes to {offset})",
-                                st.filename)  # fmt: skip
+        raise NotSupportedError("cannot resize device files", st.filename)
+    if offset > size:
+        raise BlockError(errno.EINVAL, "cannot grow device files", st.filename)
+
+
+@hookimpl
+async def bdrv_co_create_opts(filename: str, options: dict[str, Any]) -> None:
+    """Format the existing device: it must be at least ``size`` bytes and keeps its size."""
+    await bdrv_co_create_opts_simple("host_device", filename, options)
 
 
 @hookimpl

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from blockcore import hookimpl, posix, special
+from blockcore.create import create_size_and_prealloc
 from blockcore.errors import BlockError, NotSupportedError
 from blockcore.info import bdrv_apply_auto_read_only
 from blockcore.types import (
@@ -26,7 +27,7 @@ from blockcore.types import (
     Perm,
     PreallocMode,
 )
-from blockcore.util import parse_bool, parse_size, round_down, round_up
+from blockcore.util import parse_bool, round_down, round_up
 
 if TYPE_CHECKING:
     from blockcore.graph import BdrvChild, BlockDriverState
@@ -424,8 +425,7 @@ async def bdrv_co_create_opts(filename: str, options: dict[str, Any]) -> None:
     """Create (or empty) ``filename`` with size and preallocation, holding QEMU's create
     locks (write and resize, resize unshared) meanwhile."""
     filename = filename.removeprefix("file:")
-    size = parse_size(options.get("size") or 0)
-    prealloc = PreallocMode.from_name(str(options.get("preallocation") or "off"))
+    size, prealloc = create_size_and_prealloc(options)
     nocow = parse_bool(options.get("nocow", False), "nocow")
     fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:

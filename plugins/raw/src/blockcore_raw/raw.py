@@ -32,7 +32,6 @@ from blockcore.types import (
 )
 from blockcore.util import parse_size
 
-from . import file as _file
 
 if TYPE_CHECKING:
     from blockcore.graph import BdrvChild, BlockDriverState
@@ -360,5 +359,6 @@ async def bdrv_co_copy_range_to(
 
 @hookimpl
 async def bdrv_co_create_opts(filename: str, options: dict[str, Any]) -> None:
-    # raw has no metadata: creating it is creating the file (raw_co_create_opts)
-    await _file.bdrv_co_create_opts(filename, options)
+    # raw has no metadata: creating it is creating the protocol's storage, whichever protocol
+    # the filename names (raw_co_create_opts): a file, or a device formatted in place
+    await special.bdrv_co_create_file(filename, options)
