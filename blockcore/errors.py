@@ -11,6 +11,7 @@ to a generic implementation, as ``-ENOTSUP`` is in QEMU's ``block/io.c``.
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 
 import pluggy
 
@@ -25,6 +26,7 @@ __all__ = [
     "NotSupportedError",
     "PermissionConflictError",
     "TierViolation",
+    "error_prepend",
 ]
 
 
@@ -36,6 +38,25 @@ class BlockError(OSError):
             super().__init__(err, message)
         else:
             super().__init__(err, message, filename)
+
+
+def error_prepend(exc: OSError, prefix: str) -> BlockError:
+    """``exc`` told as part of a larger failure: ``prefix`` then its message, as QEMU's
+    error_prepend (``"Could not resize image: " + ...``). The errno, the class for preset-errno
+    errors, the file name and any ``hint`` are kept; the result prints as it is (``verbatim``),
+    so a lowercase message gets QEMU's capital after the prefix. Tier: any."""
+    text = exc.strerror or _os.strerror(exc.errno or _errno.EIO)
+    if not getattr(exc, "verbatim", False):
+        text = text[:1].upper() + text[1:]
+    filename = exc.filename if isinstance(exc.filename, str) else None
+    if isinstance(exc, _PresetErrno):
+        err: BlockError = type(exc)(prefix + text, filename)
+    else:
+        err = BlockError(exc.errno or _errno.EIO, prefix + text, filename)
+    err.verbatim = True  # type: ignore[attr-defined]
+    if getattr(exc, "hint", None):
+        err.hint = exc.hint  # type: ignore[attr-defined]
+    return err
 
 
 class _PresetErrno(BlockError):

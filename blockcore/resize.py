@@ -35,7 +35,8 @@ async def bdrv_co_truncate(child: BdrvChild, offset: int, exact: bool = True,
     """Resize ``child``'s node to ``offset`` bytes. Tier: I/O.
 
     Growing a node whose backing file is longer than its old size zeroes the new tail, so
-    stale backing data does not show through. Preallocation is refused when shrinking.
+    stale backing data does not show through. Drivers refuse preallocation when shrinking
+    (each with its own message, as in QEMU, where block/io.c does not check it).
     """
     from .graph import bdrv_cow_bs, bdrv_filter_child
 
@@ -48,9 +49,6 @@ async def bdrv_co_truncate(child: BdrvChild, offset: int, exact: bool = True,
     old = await bdrv_co_getlength(bs)
     if not bs.open_flags & _O_RDWR:
         raise BlockError(errno.EACCES, "image is read-only", bs.filename or bs.node_name)
-    if offset < old and prealloc is not PreallocMode.OFF:
-        raise NotSupportedError("cannot use preallocation for shrinking files",
-                                bs.filename)  # fmt: skip
     if not child.perm & _P_RESIZE:
         raise BlockError(errno.EPERM, f"edge {child.name!r} lacks the resize permission",
                          bs.node_name)  # fmt: skip

@@ -195,3 +195,19 @@ def test_cli_option_help_lists_the_device_protocols_options(loop, fmt: str) -> N
     res = _same_as_qemu("create", "-f", fmt, "-o", "help", loop.dev)
     assert "preallocation=<str>    - Preallocation mode (allowed values: off)\n" in res.stdout
     assert "nocow" not in res.stdout
+
+
+@needs_qemu
+@pytest.mark.parametrize("mode", ["full", "falloc"])
+def test_cli_qcow2_preallocation_on_a_device_fails_as_in_qemu_leaving_a_clean_image(
+        loop, mode: str) -> None:  # fmt: skip
+    """The device cannot preallocate: qcow2's growth fails through both its prefixes, and
+    the clusters it had reserved are given back, as QEMU does."""
+    _need("blockcore_qcow2.driver", "blockcore-qcow2")
+    res = _same_as_qemu("create", "-q", "-f", "qcow2", "-o", f"preallocation={mode}",
+                        loop.dev, "32M")  # fmt: skip
+    assert res.stderr == (f"blockcore-img: {loop.dev}: Could not resize image: Failed to "
+                          f"resize underlying file: Preallocation mode '{mode}' unsupported "
+                          "for this non-regular file\n")  # fmt: skip
+    check = _run("qemu", "check", loop.dev)
+    assert check.returncode == 0 and "No errors were found" in check.stdout, check.stdout

@@ -175,9 +175,8 @@ def test_discard_is_a_no_op_without_unmap(loop) -> None:
 def test_fast_zero_writes(loop) -> None:
     """NO_FALLBACK: BLKZEROOUT may write zeroes slowly, so only an unmapping zero write
     (discard=unmap and MAY_UNMAP) counts as fast on a device, as in QEMU."""
-    with _open(loop.dev) as blk:
-        with pytest.raises(NotSupportedError):
-            blk.pwrite_zeroes(0, 65536, F.NO_FALLBACK)
+    with _open(loop.dev) as blk, pytest.raises(NotSupportedError):
+        blk.pwrite_zeroes(0, 65536, F.NO_FALLBACK)
     with _open(loop.dev, discard="unmap") as blk:
         blk.pwrite(0, b"\x66" * 65536)
         blk.pwrite_zeroes(0, 65536, F.NO_FALLBACK | F.MAY_UNMAP)

@@ -427,3 +427,18 @@ def test_parallel_compressed_writes(tmp_path: Path, ctype: str) -> None:
     raw = tmp_path / "c.raw"
     qemu_img("convert", "-O", "raw", str(img), str(raw))
     assert raw.read_bytes() == bytes(data)
+
+
+@requires_qemu
+def test_preallocation_is_refused_when_shrinking(tmp_path: Path) -> None:
+    """qcow2's own check and text (qcow2_co_truncate), before anything changes."""
+    from blockcore.errors import BlockError
+    from blockcore.types import PreallocMode
+
+    img = create(tmp_path / "s.qcow2", "4M")
+    with BlockBackend.open(str(img), {}, OpenFlags.RDWR) as blk:
+        with pytest.raises(BlockError, match="preallocation can't be used for shrinking an "
+                           "image") as exc:  # fmt: skip
+            blk.truncate(2 * MiB, prealloc=PreallocMode.FULL)
+        assert exc.value.errno == 22
+        assert blk.getlength() == 4 * MiB

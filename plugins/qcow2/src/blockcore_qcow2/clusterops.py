@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from blockcore.errors import BlockError, NotSupportedError
+from blockcore.errors import BlockError, NotSupportedError, error_prepend
 
 from . import alloc
 from .cluster import ClusterType as CT
@@ -179,6 +179,9 @@ async def truncate(img: Qcow2Image, size: int, prealloc: str = "off") -> None:
         geo = img.geo
         old = img.header.size
         if size < old:
+            if prealloc != "off":  # qcow2_co_truncate's check and text
+                raise BlockError(errno.EINVAL, "preallocation can't be used for shrinking an "
+                                 "image", img.file.name)  # fmt: skip
             if img.header.nb_snapshots:
                 raise NotSupportedError("cannot shrink an image with snapshots",
                                         img.file.name)  # fmt: skip
@@ -290,7 +293,12 @@ async def preallocate_area(img: Qcow2Image, start: int, end: int, mode: str) -> 
     if got != count:
         raise await img.mark_corrupt(f"clusters {host:#x}.. behind new refcount structures "
                                      "are in use")  # fmt: skip
-    await img.file.truncate(host + count * cs, mode)
+    try:
+        await img.file.truncate(host + count * cs, mode)
+    except OSError as exc:
+        await refcounts.update(host, count * cs, -1)  # give the reserved clusters back
+        await img.flush_metadata()  # with the old refcount table's release: a clean image
+        raise error_prepend(exc, "Failed to resize underlying file: ") from exc
     if start > first:
         # the old last cluster is only partly inside the old disk: its data moves along
         # (QEMU's cow_start of the allocation)

@@ -13,7 +13,7 @@ import attrs
 
 from blockcore import backend, graph, hookimpl, io, special, status
 from blockcore.aio import run_co
-from blockcore.errors import BlockError, NotSupportedError
+from blockcore.errors import BlockError, NotSupportedError, error_prepend
 from blockcore.types import (
     BdrvCheckMode,
     BdrvCheckResult,
@@ -538,7 +538,10 @@ async def bdrv_co_create_opts(filename: str, options: dict[str, Any]) -> None:
             data = BackendFile(data_blk, path)
         await f.pwrite(0, empty_image(**o["layout"]))
         img = await Qcow2Image.open(f, data_file=data, read_only=False)
-        await img.truncate(o["size"], o["prealloc"])
+        try:
+            await img.truncate(o["size"], o["prealloc"])
+        except OSError as exc:  # qcow2_co_create's wording around blk_truncate's error
+            raise error_prepend(exc, "Could not resize image: ") from exc
         await img.close()
         await blk.co_flush()
     finally:

@@ -343,8 +343,10 @@ async def _regular_truncate(st: FileState, offset: int, prealloc: PreallocMode) 
                                 st.filename)  # fmt: skip
     eng = st.engine
     current = eng.getlength()
+    if offset < current and prealloc is not PreallocMode.OFF:
+        raise NotSupportedError("cannot use preallocation for shrinking files", st.filename)
     if prealloc is PreallocMode.OFF or offset <= current:
-        await eng.truncate(offset)  # the core refuses preallocation when shrinking
+        await eng.truncate(offset)
     elif prealloc is PreallocMode.FALLOC:
         try:
             await eng.allocate(current, offset - current)

@@ -32,7 +32,6 @@ from blockcore.types import (
 )
 from blockcore.util import parse_size
 
-
 if TYPE_CHECKING:
     from blockcore.graph import BdrvChild, BlockDriverState
 
