@@ -11,7 +11,9 @@ General layout:
   :mod:`blockcore.backend` the user's handle (BlockBackend).
 - :mod:`blockcore.io` is the request path; :mod:`blockcore.status` block status;
   :mod:`blockcore.drain` drained sections; :mod:`blockcore.cor` copy-on-read;
-  :mod:`blockcore.info` and :mod:`blockcore.special` the rest of QEMU's block-io.h.
+  :mod:`blockcore.info` and :mod:`blockcore.special` the rest of QEMU's block-io.h;
+  :mod:`blockcore.create` what protocol drivers share to create images (QEMU's generic
+  create fallback for storage that already exists, such as host devices).
 - :mod:`blockcore.posix` is the POSIX I/O engine shared by file-like drivers, on
   :mod:`blockcore.threadpool` (blocking calls) and :mod:`blockcore.imagelock` (QEMU's image
   locking); :mod:`blockcore.testing` is the conformance kit for driver authors.
