@@ -143,8 +143,13 @@ def test_read_now_does_only_what_needs_no_wait(tmp_path: Path) -> None:
     assert bytes(buf) == data[: len(buf)]
     assert eng.read_now(buf, MiB) == len(buf) and bytes(buf) == bytes(len(buf))  # past EOF
     os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    assert eng.read_now(buf, MiB - len(buf)) < len(buf)
+    dropped = []
+    for _ in range(5):  # the kernel may keep pages now and then under load: ask again
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        dropped.append(eng.read_now(buf, MiB - len(buf)) < len(buf))
+        if dropped[-1]:
+            break
+    assert any(dropped), "read_now completed a range dropped from the page cache 5 times"
     run(eng.preadv(buf, MiB - len(buf)))
     assert bytes(buf) == data[-len(buf) :]
     assert posix.PosixEngine(fd, "a.img", direct=True).read_now(buf, 0) == 0
