@@ -329,15 +329,17 @@ async def _check_refcounts(image: Qcow2Image, result: BdrvCheckResult, fix: Mode
             _restore(result, before_compare)
             rebuild, highest = await _compare(image, refs, result, fix, rebuild)
     await rc.flush()
-    await _check_copied(image, result, fix)
+    await _check_copied(image, result, fix, snapshots)
     result.image_end_offset = (highest + 1) * geo.cluster_size
     if fix:
         await image.flush_metadata()
 
 
-async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -> None:
+async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode,
+                        snapshots: SnapshotTable) -> None:  # fmt: skip
     """COPIED flags must match refcount == 1 (check_oflag_copied). With only FIX_LEAKS the
-    flags are repaired when the refcounts are known to be right by now."""
+    flags are repaired when the refcounts are known to be right by now. Repairs pass
+    QEMU's overlap check first (a broken snapshot entry can claim the active tables)."""
     geo = image.geo
     if fix & Mode.FIX_ERRORS:
         repair = True
@@ -361,6 +363,13 @@ async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -
                                    f"l1_entry={e:x} refcount={refcount}")  # fmt: skip
             if repair:
                 image.l1[i] = off | (OFLAG_COPIED if refcount == 1 else 0)
+                start = i - i % 64  # qcow2_write_l1_entry writes the entry's sector
+                what = snaptable.overlap(image, snapshots, image.header.l1_table_offset +
+                                         8 * start, 8 * min(64, len(image.l1) - start),
+                                         "active L1 table")  # fmt: skip
+                if what is not None:
+                    result.check_errors += 1
+                    raise await snaptable.signal_corruption(image, result.messages, what)
                 await image._write_l1_entry(i)
                 result.corruptions -= 1
                 result.corruptions_fixed += 1
@@ -390,6 +399,15 @@ async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -
                     image._set_entry(l2, idx, new, bitmap)
                     dirty += 1
         if dirty:
+            what = snaptable.overlap(image, snapshots, off, geo.cluster_size,
+                                     "active L2 table")  # fmt: skip
+            if what is not None:
+                image.l2_cache.discard(off)  # the repaired copy is never written
+                exc = await snaptable.signal_corruption(image, result.messages, what)
+                result.messages.append("ERROR: Could not write L2 table; metadata overlap "
+                                       "check failed: Input/output error")  # fmt: skip
+                result.check_errors += 1
+                raise exc
             image.l2_cache.mark_dirty(off)
             result.corruptions -= dirty
             result.corruptions_fixed += dirty

@@ -21,7 +21,7 @@ from blockcore.errors import BlockError
 from blockcore.types import BdrvCheckMode as Mode
 from blockcore.types import BdrvCheckResult, CheckErrorLine
 
-from .format import MAX_SNAPSHOTS, Incompat
+from .format import L1E_OFFSET_MASK, MAX_SNAPSHOTS, Incompat
 
 if TYPE_CHECKING:
     from .cache import ImageFile
@@ -354,20 +354,11 @@ async def write_table(image: Qcow2Image, table: SnapshotTable, notes: list[str])
     new_offset = await rc.alloc_clusters(image.geo.size_to_clusters(size)) if size else 0
     await image.flush_metadata()
     await image.file.flush()
-    what = _overlap(image, table, new_offset, size)
+    what = overlap(image, table, new_offset, size)
     if what is not None:
-        # the clusters the refcount repair freed can still be live metadata to QEMU's
-        # overlap check (the old table, a snapshot's L1 table): refuse, as it does
-        notes.append("qcow2: Marking image as corrupt: Preventing invalid write on metadata "
-                     f"(overlaps with {what}); further corruption events will be suppressed")
-        image.corrupt = True
-        await image.set_incompat(Incompat.CORRUPT, True)
-        try:
-            await _free(image, new_offset, size)
-        except OSError:
-            pass
-        raise BlockError(errno.EIO, f"the new snapshot table would overwrite the {what}",
-                         image.file.name)  # fmt: skip
+        # clusters the refcount repair freed can still be metadata to QEMU's overlap check
+        # (the old table, a snapshot's L1 table): refused as there; the new clusters leak
+        raise await signal_corruption(image, notes, what)
     if size:
         await image.file.pwrite(new_offset, data[:size])
         await image.file.flush()
@@ -384,34 +375,46 @@ async def write_table(image: Qcow2Image, table: SnapshotTable, notes: list[str])
                                  f"{os.strerror(exc.errno or errno.EIO)}")  # fmt: skip
 
 
-#: QEMU's names (metadata_ol_names) for what image.overlap reports
-_OVERLAP_NAMES = {"the image header": "qcow2_header", "the active L1 table": "active L1 table",
-                  "the refcount table": "refcount table", "an active L2 table": "active L2 table",
-                  "a refcount block": "refcount block"}  # fmt: skip
-
-
-def _overlap(image: Qcow2Image, table: SnapshotTable, offset: int, size: int) -> str | None:
-    """The metadata ``[offset, +size)`` would overwrite, in the order of QEMU's
-    qcow2_check_metadata_overlap with the "cached" template (the snapshot table and the
-    snapshots' L1 tables between the refcount table and the active L2 tables)."""
+def overlap(image: Qcow2Image, table: SnapshotTable, offset: int, size: int,
+            ignore: str | None = None) -> str | None:
+    """The metadata ``[offset, +size)`` would overwrite, named and checked in the order of
+    QEMU's qcow2_check_metadata_overlap with the "cached" template, which also protects the
+    snapshot table and the snapshots' L1 tables (``table``, as check read it); ``ignore``:
+    the kind being rewritten on purpose."""
     if size <= 0:
         return None
     cs = image.geo.cluster_size
+    if offset < cs and ignore != "qcow2_header":
+        return "qcow2_header"
     first = offset // cs * cs
     end = -(-(offset + size) // cs) * cs
 
     def hits(start: int, length: int) -> bool:
         return length > 0 and start < end and first < start + length
 
-    early = image.overlap(offset, size, l2=False)
-    if early in ("the image header", "the active L1 table", "the refcount table"):
-        return _OVERLAP_NAMES[early]
-    if hits(image.header.snapshots_offset, table.size):
-        return "snapshot table"
-    if any(hits(sn.l1_table_offset, sn.l1_size * 8) for sn in table.snapshots):
-        return "inactive L1 table"
-    late = image.overlap(offset, size)
-    return _OVERLAP_NAMES.get(late) if late is not None else None
+    h, rc = image.header, image.refcounts
+    ranges = [("active L1 table", h.l1_table_offset, 8 * len(image.l1)),
+              ("refcount table", rc.table_offset, rc.table_clusters * cs),
+              ("snapshot table", h.snapshots_offset, table.size)]  # fmt: skip
+    ranges += [("inactive L1 table", sn.l1_table_offset, 8 * sn.l1_size)
+               for sn in table.snapshots]  # fmt: skip
+    ranges += [("active L2 table", e & L1E_OFFSET_MASK, cs) for e in image.l1
+               if e & L1E_OFFSET_MASK]  # fmt: skip
+    ranges += [("refcount block", e, cs) for e in rc.table if e]
+    for name, start, length in ranges:
+        if name != ignore and hits(start, length):
+            return name
+    return None
+
+
+async def signal_corruption(image: Qcow2Image, notes: list[str], what: str) -> BlockError:
+    """A metadata write refused by the overlap check: QEMU's line, the corrupt bit set (the
+    driver is gone after that in QEMU: nothing more is written) and the error to raise."""
+    notes.append("qcow2: Marking image as corrupt: Preventing invalid write on metadata "
+                 f"(overlaps with {what}); further corruption events will be suppressed")
+    image.corrupt = True
+    await image.set_incompat(Incompat.CORRUPT, True)
+    return BlockError(errno.EIO, f"write would overwrite the {what}", image.file.name)
 
 
 def _unpadded_size(snapshots: list[QCowSnapshot]) -> int:
