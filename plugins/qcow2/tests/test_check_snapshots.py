@@ -12,7 +12,6 @@ import asyncio
 import json
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,12 @@ from blockcore.types import BdrvCheckMode, BdrvCheckResult
 
 from .conftest import create, qemu_img, qemu_io, requires_qemu
 from .memfile import MemFile
+from .test_check_repair import ours
 
 pytestmark = requires_qemu
 
 ALL = BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS
 _ENTRY = struct.Struct(">QIHHIIQII")
-
-
-def ours(*args: str) -> subprocess.CompletedProcess[str]:
-    """blockcore-img, its error prefix spelled as qemu-img's (it prints the name invoked)."""
-    proc = subprocess.run([sys.executable, "-m", "blockcore.img", *args], capture_output=True,
-                          text=True, timeout=300, check=False)  # fmt: skip
-    proc.stderr = proc.stderr.replace("blockcore-img: ", "qemu-img: ")
-    return proc
 
 
 def _outcome(proc: subprocess.CompletedProcess[str]) -> tuple[str, str, int]:

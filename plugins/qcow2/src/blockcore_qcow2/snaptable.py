@@ -371,8 +371,7 @@ async def write_table(image: Qcow2Image, table: SnapshotTable, notes: list[str])
     try:
         await _free(image, old_offset, old_size)
     except OSError as exc:
-        notes.append(f"qcow2_free_clusters failed: "
-                                 f"{os.strerror(exc.errno or errno.EIO)}")  # fmt: skip
+        notes.append(f"qcow2_free_clusters failed: {os.strerror(exc.errno or errno.EIO)}")
 
 
 def overlap(image: Qcow2Image, table: SnapshotTable, offset: int, size: int,
