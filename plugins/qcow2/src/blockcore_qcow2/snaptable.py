@@ -146,7 +146,8 @@ async def read_table(file: ImageFile, offset: int, count: int, disk_size: int,
                      ) -> SnapshotTable:  # fmt: skip
     """Read ``count`` entries from ``offset`` (qcow2_do_read_snapshots). With ``repair``
     (check -r all), extra data beyond QEMU's limit is cut and entries beyond the table size
-    limit are dropped, each noted in ``notes``; otherwise both are refused.
+    limit are dropped, each noted in ``notes``; otherwise both are refused. Tier: I/O
+    (the image lock held, or the open).
 
     :raises BlockError: EFBIG for those two (with QEMU's hint), or the read's error.
     """
@@ -226,7 +227,7 @@ def _hinted(code: int, message: str, hint: str, name: str) -> BlockError:
 
 def pointer_error(nb_snapshots: int, offset: int, cluster_size: int) -> tuple[int, str] | None:
     """What QEMU's qcow2_validate_table says of the header's snapshot table pointer: (errno,
-    message without the table's name) or None when it is acceptable."""
+    message without the table's name) or None when it is acceptable. Tier: common."""
     if nb_snapshots > MAX_SNAPSHOTS:
         return errno.EFBIG, "too large"
     if _INT64_MAX - nb_snapshots * HEAD.size < offset or offset & (cluster_size - 1):
@@ -236,7 +237,7 @@ def pointer_error(nb_snapshots: int, offset: int, cluster_size: int) -> tuple[in
 
 async def read_at_open(image: Qcow2Image) -> SnapshotTable:
     """The table as a normal (not check) open reads it: a bad pointer or table refuses the
-    open, with QEMU's messages (qcow2_do_open)."""
+    open, with QEMU's messages (qcow2_do_open). Tier: GS (bdrv_open)."""
     h = image.header
     bad = pointer_error(h.nb_snapshots, h.snapshots_offset, image.geo.cluster_size)
     if bad is not None:
@@ -245,7 +246,8 @@ async def read_at_open(image: Qcow2Image) -> SnapshotTable:
 
 
 async def read_image_table(image: Qcow2Image) -> SnapshotTable:
-    """The table the header names, for snapshot operations (the open validated it)."""
+    """The table the header names, for snapshot operations (the open validated it).
+    Tier: I/O, under the image lock."""
     h = image.header
     return await read_table(image.file, h.snapshots_offset, h.nb_snapshots, h.size)
 
@@ -261,6 +263,8 @@ async def check_read(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -> S
     are cut at once (only the header's count changes: what they used leaks, and the
     refcount check reclaims it), too much extra data is cut in memory; broken entries count
     as corruptions that :func:`check_fix` repairs by rewriting the table.
+
+    Tier: I/O, under the image lock (bdrv_co_check).
 
     :raises BlockError: when the table cannot be read (after the check's error lines).
     """
@@ -325,7 +329,8 @@ async def check_read(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -> S
 async def check_fix(image: Qcow2Image, table: SnapshotTable, result: BdrvCheckResult,
                     fix: Mode) -> None:  # fmt: skip
     """qcow2_check_fix_snapshot_table: with FIX_ERRORS, rewrite a table that had
-    corruptions (the refcounts are right by now, so new clusters can be allocated)."""
+    corruptions (the refcounts are right by now, so new clusters can be allocated).
+    Tier: I/O, under the image lock."""
     if not (result.corruptions and fix & Mode.FIX_ERRORS):
         return
     try:
@@ -344,7 +349,8 @@ async def write_table(image: Qcow2Image, table: SnapshotTable, notes: list[str])
     the new clusters are counted and flushed first, the table written and flushed, then one
     header write names it, and only then the old table's clusters are freed. A crash at
     any point leaves the old or the new table, and at most leaked clusters. A failure to
-    free the old table is only noted (in ``notes``, QEMU's line): it leaks."""
+    free the old table is only noted (in ``notes``, QEMU's line): it leaks. Tier: I/O,
+    under the image lock."""
     data = pack_table(table.snapshots)
     size = _unpadded_size(table.snapshots)
     if size > MAX_SNAPSHOTS_SIZE:
@@ -379,7 +385,7 @@ def overlap(image: Qcow2Image, table: SnapshotTable, offset: int, size: int,
     """The metadata ``[offset, +size)`` would overwrite, named and checked in the order of
     QEMU's qcow2_check_metadata_overlap with the "cached" template, which also protects the
     snapshot table and the snapshots' L1 tables (``table``, as check read it); ``ignore``:
-    the kind being rewritten on purpose."""
+    the kind being rewritten on purpose. Tier: common."""
     if size <= 0:
         return None
     cs = image.geo.cluster_size
@@ -408,7 +414,8 @@ def overlap(image: Qcow2Image, table: SnapshotTable, offset: int, size: int,
 
 async def signal_corruption(image: Qcow2Image, notes: list[str], what: str) -> BlockError:
     """A metadata write refused by the overlap check: QEMU's line, the corrupt bit set (the
-    driver is gone after that in QEMU: nothing more is written) and the error to raise."""
+    driver is gone after that in QEMU: nothing more is written) and the error to raise.
+    Tier: I/O, under the image lock."""
     notes.append("qcow2: Marking image as corrupt: Preventing invalid write on metadata "
                  f"(overlaps with {what}); further corruption events will be suppressed")
     image.corrupt = True
