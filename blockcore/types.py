@@ -311,7 +311,14 @@ class BdrvCheckResult:
     fragmented_clusters: int = 0
     compressed_clusters: int = 0
     messages: list[str] = attrs.Factory(list)
-    """Lines the check printed (QEMU prints them to stderr), in order."""
+    """Lines the check printed (QEMU prints them to stderr), in order; a
+    :class:`CheckErrorLine` goes out after the program's name, as error_report prints."""
+
+
+class CheckErrorLine(str):
+    """A check message QEMU prints with error_report (``prog: message``) rather than with a
+    bare fprintf; plain ``str`` lines in :attr:`BdrvCheckResult.messages` are printed as
+    they are."""
 
 
 @attrs.frozen

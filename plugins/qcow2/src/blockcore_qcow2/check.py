@@ -15,6 +15,7 @@ from blockcore.errors import BlockError
 from blockcore.types import BdrvCheckMode as Mode
 from blockcore.types import BdrvCheckResult
 
+from . import snaptable
 from .cluster import ClusterType, cluster_type
 from .format import (
     L1E_OFFSET_MASK,
@@ -28,6 +29,7 @@ from .refwalk import Imrt, calculate_refcounts
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
+    from .snaptable import SnapshotTable
 
 #: BdrvCheckResult fields that QEMU saves and restores as a whole (``*res = saved``).
 _FIGURES = ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed",
@@ -256,20 +258,35 @@ async def check_image(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -> 
         fix = Mode.NONE
     async with image.lock:
         await image.flush_metadata()
-        await _check_refcounts(image, result, fix)
+        # the snapshot table first, with figures of its own (QEMU's snapshot_res), added
+        # to the refcount check's at the end, or at once when it fails
+        snapshot_result = BdrvCheckResult(messages=result.messages)
+        try:
+            table = await snaptable.check_read(image, snapshot_result, fix)
+            await _check_refcounts(image, result, fix, table)
+            await snaptable.check_fix(image, table, snapshot_result, fix)
+        finally:
+            _add(result, snapshot_result)
         if fix and not result.check_errors and not result.corruptions:
             # the image is consistent now (qcow2_mark_clean, qcow2_mark_consistent)
             await image.set_incompat(Incompat.DIRTY | Incompat.CORRUPT, False)
             image.dirty = image.corrupt = False
 
 
-async def _check_refcounts(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -> None:
+def _add(result: BdrvCheckResult, other: BdrvCheckResult) -> None:
+    """qcow2_add_check_result without the allocation figures."""
+    for k in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
+        setattr(result, k, getattr(result, k) + getattr(other, k))
+
+
+async def _check_refcounts(image: Qcow2Image, result: BdrvCheckResult, fix: Mode,
+                           snapshots: SnapshotTable) -> None:  # fmt: skip
     rc = image.refcounts
     geo = image.geo
     msgs = result.messages
     refs = Imrt(image, await image.file.getlength())
     result.total_clusters = geo.size_to_clusters(image.header.size)
-    rebuild = await calculate_refcounts(image, refs, result, fix)
+    rebuild = await calculate_refcounts(image, refs, result, snapshots, fix)
     before_compare = _figures(result)
     rebuild, highest = await _compare(image, refs, result, Mode.NONE, rebuild)
     if rebuild and fix & Mode.FIX_ERRORS:
@@ -286,7 +303,7 @@ async def _check_refcounts(image: Qcow2Image, result: BdrvCheckResult, fix: Mode
         stats = {k: getattr(result, k) for k in _FIGURES[5:]}
         refs.reset()
         refs.file_len = await image.file.getlength()  # the new structure may extend the file
-        rebuild = await calculate_refcounts(image, refs, result, Mode.NONE)
+        rebuild = await calculate_refcounts(image, refs, result, snapshots, Mode.NONE)
         _restore(result, stats)
         fresh_leaks = 0
         if fix & Mode.FIX_LEAKS:
@@ -312,15 +329,17 @@ async def _check_refcounts(image: Qcow2Image, result: BdrvCheckResult, fix: Mode
             _restore(result, before_compare)
             rebuild, highest = await _compare(image, refs, result, fix, rebuild)
     await rc.flush()
-    await _check_copied(image, result, fix)
+    await _check_copied(image, result, fix, snapshots)
     result.image_end_offset = (highest + 1) * geo.cluster_size
     if fix:
         await image.flush_metadata()
 
 
-async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -> None:
+async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode,
+                        snapshots: SnapshotTable) -> None:  # fmt: skip
     """COPIED flags must match refcount == 1 (check_oflag_copied). With only FIX_LEAKS the
-    flags are repaired when the refcounts are known to be right by now."""
+    flags are repaired when the refcounts are known to be right by now. Repairs pass
+    QEMU's overlap check first (a broken snapshot entry can claim the active tables)."""
     geo = image.geo
     if fix & Mode.FIX_ERRORS:
         repair = True
@@ -344,6 +363,13 @@ async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -
                                    f"l1_entry={e:x} refcount={refcount}")  # fmt: skip
             if repair:
                 image.l1[i] = off | (OFLAG_COPIED if refcount == 1 else 0)
+                start = i - i % 64  # qcow2_write_l1_entry writes the entry's sector
+                what = snaptable.overlap(image, snapshots, image.header.l1_table_offset +
+                                         8 * start, 8 * min(64, len(image.l1) - start),
+                                         "active L1 table")  # fmt: skip
+                if what is not None:
+                    result.check_errors += 1
+                    raise await snaptable.signal_corruption(image, result.messages, what)
                 await image._write_l1_entry(i)
                 result.corruptions -= 1
                 result.corruptions_fixed += 1
@@ -373,6 +399,15 @@ async def _check_copied(image: Qcow2Image, result: BdrvCheckResult, fix: Mode) -
                     image._set_entry(l2, idx, new, bitmap)
                     dirty += 1
         if dirty:
+            what = snaptable.overlap(image, snapshots, off, geo.cluster_size,
+                                     "active L2 table")  # fmt: skip
+            if what is not None:
+                image.l2_cache.discard(off)  # the repaired copy is never written
+                exc = await snaptable.signal_corruption(image, result.messages, what)
+                result.messages.append("ERROR: Could not write L2 table; metadata overlap "
+                                       "check failed: Input/output error")  # fmt: skip
+                result.check_errors += 1
+                raise exc
             image.l2_cache.mark_dirty(off)
             result.corruptions -= dirty
             result.corruptions_fixed += dirty

@@ -32,7 +32,7 @@ from blockcore.types import (
 )
 from blockcore.util import parse_bool, parse_size
 
-from . import compress, reopen
+from . import compress, reopen, snaptable
 from .check import check_image
 from .cluster import SubclusterType as ST
 from .format import QCOW_MAGIC, Autoclear, Compat, Incompat, empty_image, prealloc_size
@@ -225,6 +225,9 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     ))  # fmt: skip
     # read by .snapshot: punch clusters snapshot operations free (QEMU's default: on)
     image.discard_snapshot = ro.discard_snapshot  # type: ignore[attr-defined]
+    if not flags & OpenFlags.CHECK:
+        # a bad snapshot table refuses the open; check reads it itself (qcow2_do_open)
+        run_co(bs, snaptable.read_at_open(image))
     if rw and image.dirty and not flags & OpenFlags.CHECK:
         run_co(bs, reopen.repair_dirty(image))
     if rw:

@@ -8,7 +8,6 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
-from blockcore.errors import ImageCorruptError
 from blockcore.types import BdrvCheckMode as Mode
 from blockcore.types import BdrvCheckResult
 
@@ -31,6 +30,7 @@ from .format import (
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
+    from .snaptable import SnapshotTable
 
 
 class Imrt:
@@ -107,14 +107,14 @@ class Imrt:
 
 
 async def calculate_refcounts(image: Qcow2Image, refs: Imrt, result: BdrvCheckResult,
-                     fix: Mode) -> bool:  # fmt: skip
-    """Count every reference into ``refs``; True when the refcount structure itself is
-    broken and must be rebuilt."""
+                               snapshots: SnapshotTable, fix: Mode) -> bool:  # fmt: skip
+    """Count every reference into ``refs`` (``snapshots``: the table as check read it);
+    True when the refcount structure itself is broken and must be rebuilt."""
     cs = image.geo.cluster_size
     refs.inc(0, cs, result)
     await _walk_l1(image, refs, result, image.header.l1_table_offset, image.l1, fix,
                    active=True)  # fmt: skip
-    await _walk_snapshots(image, refs, result, fix)
+    await _walk_snapshots(image, refs, result, snapshots, fix)
     rc = image.refcounts
     refs.inc(rc.table_offset, rc.table_clusters * cs, result)
     await _walk_bitmaps(image, refs, result)
@@ -243,21 +243,11 @@ async def _zero_entry(image: Qcow2Image, result: BdrvCheckResult, l2_offset: int
 
 
 async def _walk_snapshots(image: Qcow2Image, refs: Imrt, result: BdrvCheckResult,
-                          fix: Mode) -> None:  # fmt: skip
-    """Every snapshot's L1 table and what it points to, then the snapshot table."""
-    from .snapshot import read_table
-
-    h = image.header
-    if not h.nb_snapshots:
-        return
-    try:
-        snapshots, table_size = await read_table(image)
-    except ImageCorruptError as exc:
-        # QEMU refuses to open such an image; its check never gets here
-        result.messages.append(f"ERROR snapshot table: {exc.strerror}")
-        result.corruptions += 1
-        return
-    if image.has_data_file:
+                          table: SnapshotTable, fix: Mode) -> None:  # fmt: skip
+    """Every snapshot's L1 table and what it points to, then the snapshot table (as check
+    read it before: QEMU's s->snapshots)."""
+    snapshots = table.snapshots
+    if image.has_data_file and snapshots:
         result.messages.append(f"ERROR {len(snapshots)} snapshots in image with data file")
         result.corruptions += 1
     for sn in snapshots:
@@ -276,7 +266,7 @@ async def _walk_snapshots(image: Qcow2Image, refs: Imrt, result: BdrvCheckResult
         await image.file.pread(sn.l1_table_offset, memoryview(buf))
         l1 = list(struct.unpack(f">{sn.l1_size}Q", buf))
         await _walk_l1(image, refs, result, sn.l1_table_offset, l1, fix, active=False)
-    refs.inc(h.snapshots_offset, table_size, result)
+    refs.inc(image.header.snapshots_offset, table.size, result)
 
 
 def _c_hex(value: int) -> str:

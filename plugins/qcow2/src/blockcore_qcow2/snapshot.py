@@ -1,9 +1,6 @@
 """Internal snapshots: the snapshot table, and create / apply / delete (qcow2-snapshot.c).
 
-The table format is QEMU's (docs/interop/qcow2.txt): 40-byte entry headers, extra data
-(large VM-state size, virtual disk size, icount, then bytes we do not know, kept), the id
-and name strings, padding to 8. We always write 24 bytes of known extra data plus the
-unknown bytes, as QEMU 7.2 does.
+The table itself (its format, reading and repair) is in :mod:`.snaptable`.
 
 How changes are made safe: QEMU raises and drops refcounts in place and fixes the COPIED
 flags afterwards, so a crash in between leaves flags that ``qemu-img check`` reports as
@@ -50,124 +47,20 @@ from .format import (
     decode_compressed,
 )
 from .refcount import Refcounts, set_entry
+from .snaptable import QCowSnapshot, pack_table, read_image_table
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
 
-_HEAD = struct.Struct(">QIHHIIQII")  # 40 bytes
-_EXTRA = struct.Struct(">QQq")  # vm_state_size_large, disk_size, icount
-#: QEMU's limits: extra data per entry, and the whole table.
-MAX_EXTRA_DATA = 1024
-MAX_SNAPSHOTS_SIZE = 1024 * MAX_SNAPSHOTS
-
-
-@attrs.define(eq=False)
-class QCowSnapshot:
-    """One entry of the snapshot table (QEMU's QCowSnapshot)."""
-
-    l1_table_offset: int
-    l1_size: int
-    id_str: str
-    name: str
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    disk_size: int = 0
-    icount: int = -1
-    #: Extra data past the fields we know, written back unchanged.
-    unknown_extra: bytes = b""
-    #: L1 entries of a snapshot being created, written by the commit (not on disk yet).
-    pending_l1: list[int] | None = None
-
-    @classmethod
-    def unpack_from(cls, buf: bytes, pos: int, version: int, default_disk_size: int,
-                    name: str) -> tuple[QCowSnapshot, int]:  # fmt: skip
-        """Parse the entry at ``pos``; return it and the offset of the next one."""
-        if pos + _HEAD.size > len(buf):
-            raise ImageCorruptError("snapshot table truncated", name)
-        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
-         extra_len) = _HEAD.unpack_from(buf, pos)  # fmt: skip
-        if extra_len > MAX_EXTRA_DATA:
-            raise ImageCorruptError(f"snapshot extra data of {extra_len} bytes is too large "
-                                    f"(at most {MAX_EXTRA_DATA})", name)  # fmt: skip
-        p = pos + _HEAD.size
-        end = p + extra_len + id_len + name_len
-        if end > len(buf):
-            raise ImageCorruptError("snapshot table truncated", name)
-        extra = buf[p : p + extra_len]
-        known = extra[: _EXTRA.size].ljust(_EXTRA.size, b"\0")
-        vm_large, disk_size, icount = _EXTRA.unpack(known)
-        if version >= 3 and extra_len < 16:
-            raise ImageCorruptError(f"snapshot extra data of {extra_len} bytes misses the "
-                                    "virtual disk size", name)  # fmt: skip
-        sn = cls(
-            l1_table_offset=l1_off, l1_size=l1_size,
-            id_str=buf[p + extra_len : p + extra_len + id_len].decode("utf-8", "replace"),
-            name=buf[p + extra_len + id_len : end].decode("utf-8", "replace"),
-            date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock,
-            vm_state_size=vm_large if extra_len >= 8 else vm_state32,
-            disk_size=disk_size if extra_len >= 16 else default_disk_size,
-            icount=icount if extra_len >= 24 else -1,
-            unknown_extra=bytes(extra[_EXTRA.size :]),
-        )  # fmt: skip
-        return sn, -(-end // 8) * 8
-
-    def pack(self) -> bytes:
-        id_b, name_b = self.id_str.encode(), self.name.encode()
-        extra = _EXTRA.pack(self.vm_state_size, self.disk_size, self.icount) + self.unknown_extra
-        head = _HEAD.pack(self.l1_table_offset, self.l1_size, len(id_b), len(name_b),
-                          self.date_sec, self.date_nsec, self.vm_clock_nsec,
-                          self.vm_state_size & 0xFFFFFFFF, len(extra))  # fmt: skip
-        data = head + extra + id_b + name_b
-        return data + bytes(-len(data) % 8)
-
-    def info(self) -> dict[str, Any]:
-        """QAPI's SnapshotInfo, keys in declaration order."""
-        out: dict[str, Any] = {
-            "id": self.id_str, "name": self.name, "vm-state-size": self.vm_state_size,
-            "date-sec": self.date_sec, "date-nsec": self.date_nsec,
-            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
-            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
-        }  # fmt: skip
-        if self.icount != -1:
-            out["icount"] = self.icount
-        return out
-
-
-def pack_table(snapshots: list[QCowSnapshot]) -> bytes:
-    return b"".join(sn.pack() for sn in snapshots)
-
-
 async def read_snapshots(img: Qcow2Image) -> list[QCowSnapshot]:
     """The snapshot table named by the header."""
-    return (await read_table(img))[0]
+    return (await read_image_table(img)).snapshots
 
 
 async def read_table(img: Qcow2Image) -> tuple[list[QCowSnapshot], int]:
     """The snapshot table named by the header and its length in bytes."""
-    h = img.header
-    if not h.nb_snapshots:
-        return [], 0
-    name = img.file.name
-    flen = await img.file.getlength()
-    limit = min(MAX_SNAPSHOTS_SIZE, max(0, flen - h.snapshots_offset))
-    size = min(limit, max(4096, h.nb_snapshots * 64))
-    buf = b""
-    while True:
-        raw = bytearray(size)
-        await img.file.pread(h.snapshots_offset, memoryview(raw))
-        buf = bytes(raw)
-        try:
-            out, pos = [], 0
-            for _ in range(h.nb_snapshots):
-                sn, pos = QCowSnapshot.unpack_from(buf, pos, h.version, h.size, name)
-                out.append(sn)
-            return out, pos
-        except ImageCorruptError:
-            if size >= limit:
-                raise
-            size = min(limit, size * 4)
+    table = await read_image_table(img)
+    return table.snapshots, table.size
 
 
 def find_snapshot(snapshots: list[QCowSnapshot], snapshot_id: str | None,
