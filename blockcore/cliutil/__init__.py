@@ -38,6 +38,7 @@ from .qobject import dump_qobject_human, qdict_order, to_json_pretty
 from .report import (
     CliError,
     error_report,
+    print_check_messages,
     prog_name,
     run_tool,
     set_prog_name,
@@ -66,6 +67,7 @@ __all__ = [
     "is_valid_option_list",
     "parse_json_filename",
     "parse_opts",
+    "print_check_messages",
     "prog_name",
     "qdict_order",
     "qemu_strtol",

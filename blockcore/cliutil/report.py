@@ -125,3 +125,16 @@ def run_tool(body: Callable[[], int], *, newline_on_interrupt: bool = False) -> 
     except BrokenPipeError:
         pass
     return status
+
+
+def print_check_messages(messages: list[str]) -> None:
+    """Print the lines of a check (``BdrvCheckResult.messages``) to stderr as QEMU does: its
+    error_report lines (:class:`~blockcore.types.CheckErrorLine`) after the program's name,
+    the others as they are."""
+    from ..types import CheckErrorLine
+
+    for line in messages:
+        if isinstance(line, CheckErrorLine):
+            line = f"{prog_name()}: {line}"
+        sys.stderr.write(line if line.endswith("\n") else line + "\n")
+    sys.stderr.flush()

@@ -7,8 +7,8 @@ import sys
 from typing import Any
 
 from ..aio import co_wrapper
-from ..cliutil import CliError, error_report, prog_name, strerror
-from ..types import BdrvCheckMode, BdrvCheckResult, CheckErrorLine, OpenFlags
+from ..cliutil import CliError, error_report, print_check_messages, strerror
+from ..types import BdrvCheckMode, BdrvCheckResult, OpenFlags
 from .common import (
     FORCE_SHARE,
     HELP,
@@ -48,11 +48,7 @@ def run_check(bs: Any, fix: BdrvCheckMode) -> tuple[BdrvCheckResult, BaseExcepti
     except OSError as exc:
         error = exc
     sys.stdout.flush()
-    for line in result.messages:
-        if isinstance(line, CheckErrorLine):
-            line = f"{prog_name()}: {line}"
-        sys.stderr.write(line if line.endswith("\n") else line + "\n")
-    sys.stderr.flush()
+    print_check_messages(result.messages)
     return result, error
 
 

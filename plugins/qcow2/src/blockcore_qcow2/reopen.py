@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from blockcore.aio import run_co
+from blockcore.cliutil import print_check_messages
 from blockcore.errors import BlockError
 from blockcore.types import BdrvCheckMode, BdrvCheckResult, OpenFlags
 
@@ -52,9 +53,7 @@ async def repair_dirty(image: Qcow2Image) -> None:
     try:
         await check_image(image, result, BdrvCheckMode.FIX_LEAKS | BdrvCheckMode.FIX_ERRORS)
     finally:
-        # QEMU's check prints its lines to stderr here too (qemu-io shows them)
-        sys.stderr.writelines(line + "\n" for line in result.messages)
-        sys.stderr.flush()
+        print_check_messages(result.messages)  # QEMU's check prints them here too
     await image.refcounts.flush()
     await image.set_incompat(Incompat.DIRTY, False)
     image.dirty = False
