@@ -340,3 +340,20 @@ def test_run_tool_ends_every_way_with_one_line_and_a_status(
         assert capsys.readouterr().err == ""
     finally:
         cu.set_prog_name(None)
+
+
+def test_run_tool_reports_an_uncaught_oserror_without_its_class_name(capsys) -> None:
+    """An OSError no command handled reads as QEMU's messages do (capitalised, or verbatim),
+    never ``BlockError: [Errno 5] ...``."""
+    from blockcore.cliutil import run_tool, set_prog_name
+    from blockcore.errors import ImageCorruptError
+
+    def body() -> int:
+        raise ImageCorruptError("bitmap directory is truncated", "x.qcow2")
+
+    set_prog_name("blockcore-img")
+    try:
+        assert run_tool(body) == 1
+    finally:
+        set_prog_name(None)
+    assert capsys.readouterr().err == "blockcore-img: Bitmap directory is truncated\n"

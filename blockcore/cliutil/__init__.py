@@ -37,6 +37,7 @@ from .progress import Progress, check_interrupted, install_sigint_handler
 from .qobject import dump_qobject_human, qdict_order, to_json_pretty
 from .report import (
     CliError,
+    describe_error,
     error_report,
     print_check_messages,
     prog_name,
@@ -59,6 +60,7 @@ __all__ = [
     "cvtstr",
     "dump_buffer",
     "dump_qobject_human",
+    "describe_error",
     "error_report",
     "flatten",
     "has_help_option",

@@ -118,7 +118,7 @@ def run_tool(body: Callable[[], int], *, newline_on_interrupt: bool = False) -> 
     except Exception as exc:
         if os.environ.get("BLOCKCORE_DEBUG"):
             raise
-        error_report(f"{type(exc).__name__}: {exc}")
+        error_report(*describe_error(exc))  # an OSError no command caught: no class name
         status = 1
     try:
         sys.stdout.flush()
@@ -138,3 +138,71 @@ def print_check_messages(messages: list[str]) -> None:
             line = f"{prog_name()}: {line}"
         sys.stderr.write(line if line.endswith("\n") else line + "\n")
     sys.stderr.flush()
+
+
+def describe_error(exc: BaseException) -> tuple[str, str | None]:
+    """The message QEMU would print for ``exc`` (without the "Could not open" prefix) and its
+    hint lines."""
+    if not isinstance(exc, (OSError, ValueError)):
+        # a failure while cleaning up can hide the real error: report the one that started it
+        cause: BaseException | None = exc.__context__
+        while cause is not None and not isinstance(cause, (OSError, ValueError)):
+            cause = cause.__context__
+        if cause is not None:
+            exc = cause
+    hint = getattr(exc, "hint", None)
+    if hint and not hint.endswith("\n"):
+        hint += "\n"
+    if isinstance(exc, OSError):
+        from ..errors import BlockError, DriverNotFoundError
+
+        text = exc.strerror or ""
+        if isinstance(exc, DriverNotFoundError):
+            return _driver_message(text), hint
+        if not isinstance(exc, BlockError) and exc.errno is not None:
+            # raised by the OS (open, lock): QEMU's file driver says which file
+            base = strerror(exc.errno)
+            if exc.filename is not None:
+                return f"Could not open '{exc.filename}': {base}", hint
+            return base, hint
+        if not text:
+            text = strerror(exc.errno)
+        if getattr(exc, "verbatim", False):  # QEMU's own text, lowercase start included
+            return text, hint
+        return text[:1].upper() + text[1:], hint
+    if isinstance(exc, ValueError):
+        return str(exc), hint
+    return f"{type(exc).__name__}: {exc}", hint
+
+
+#: QEMU 7.2's formats; the blockcore distribution that provides (or would provide) each.
+QEMU_FORMATS = {
+    "raw": "blockcore-raw", "file": "blockcore-raw", "qcow2": "blockcore-qcow2",
+    "blkdebug": "blockcore-blkdebug", "host_device": "blockcore-host-device",
+    "host_cdrom": "blockcore-host-device",
+    **{name: f"blockcore-{name}" for name in (
+        "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+        "copy-on-read", "dmg", "ftp", "ftps", "gluster", "http", "https", "iscsi", "iser",
+        "luks", "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow",
+        "qed", "quorum", "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi",
+        "vhdx", "vmdk", "vpc", "vvfat")},
+}  # fmt: skip
+
+
+def missing_package_hint(name: str) -> str | None:
+    """A hint naming the distribution to install when ``name`` is a QEMU format that no
+    installed blockcore driver provides (None for names QEMU does not know either)."""
+    package = QEMU_FORMATS.get(name)
+    if package is None:
+        return None
+    return f"The '{name}' format needs the {package} distribution, which is not installed.\n"
+
+
+def _driver_message(text: str) -> str:
+    import re
+
+    m = re.search(r"driver '([^']*)'", text)
+    name = m.group(1) if m else "?"
+    if "failed to load" in text:
+        return f"Unknown driver '{name}' ({text})"
+    return f"Unknown driver '{name}'"

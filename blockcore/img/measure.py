@@ -42,7 +42,7 @@ def measure(fmt: str, opts: CreateOpts, in_bs: Any | None) -> BlockMeasureInfo:
     try:
         return bdrv_measure(drv, options, in_bs)
     except (OSError, ValueError) as exc:
-        from .common import describe_error
+        from ..cliutil import describe_error
 
         msg, hint = describe_error(exc)
         raise CliError(msg, hint=hint) from None

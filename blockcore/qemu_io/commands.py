@@ -171,7 +171,7 @@ def truncate_f(s: Session, argv: list[str]) -> int:
     try:
         s.blk.truncate(offset, False, prealloc)
     except (OSError, ValueError) as exc:
-        from ..img.common import describe_error
+        from ..cliutil import describe_error
 
         msg, hint = describe_error(exc)
         error_report(msg, hint)
@@ -364,7 +364,7 @@ def reopen_f(s: Session, argv: list[str]) -> int:
             error_report(f"Cannot change the option '{key}'")
             return -errno.EINVAL
     s.drain()
-    from ..img.common import describe_error
+    from ..cliutil import describe_error
     from ..lifecycle import bdrv_reopen
 
     bs = s.blk.bs

@@ -102,7 +102,8 @@ class Session:
     # -- opening --------------------------------------------------------------------------
     def openfile(self, name: str | None, flags: OpenFlags, writethrough: bool,
                  force_share: bool, opts: dict[str, Any] | None) -> int:
-        from ..img.common import describe_error, warn_probed_raw
+        from ..cliutil import describe_error
+        from ..img.common import warn_probed_raw
 
         if self.blk is not None:
             error_report("file open already, try 'help close'")

@@ -24,7 +24,7 @@ import attrs
 
 from blockcore.errors import BlockError, ImageCorruptError
 
-from .format import Autoclear, ExtType, HeaderExtension
+from .format import MAX_BITMAP_DIRECTORY_SIZE, MAX_BITMAPS, Autoclear, ExtType, HeaderExtension
 
 if TYPE_CHECKING:
     from blockcore.dirty_bitmap import BdrvDirtyBitmap
@@ -44,8 +44,6 @@ BME_MAX_PHYS_SIZE = 0x20000000
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
-MAX_BITMAPS = 65535
-MAX_DIRECTORY_SIZE = 64 << 20
 
 _ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
 _EXT = struct.Struct(">IIQQ")
@@ -113,40 +111,48 @@ def stale_extension(img: Qcow2Image) -> bool:
 
 
 async def read_directory(img: Qcow2Image) -> list[BitmapEntry]:
-    """The bitmap directory named by a valid bitmaps extension (empty without one)."""
+    """The bitmap directory named by a valid bitmaps extension (empty without one), read and
+    refused as QEMU's bitmap_list_load does, with its messages: the entries fill the whole
+    directory, as many as the extension says, none with extra data."""
     fields = _ext_fields(img)
     if fields is None:
         return []
-    nb, size, offset = fields
+    nb, size, offset = fields  # the header parse checked the extension's own fields
     name = img.file.name
-    cs = img.geo.cluster_size
-    if nb > MAX_BITMAPS or size > MAX_DIRECTORY_SIZE or offset % cs or (nb and not size):
-        raise ImageCorruptError(f"bitmaps extension is invalid ({nb} bitmaps, directory of "
-                                f"{size} bytes at {offset:#x})", name)  # fmt: skip
+    if not size:
+        raise ImageCorruptError("Requested bitmap directory size is zero", name)
     buf = bytearray(size)
     await img.file.pread(offset, memoryview(buf))
     out: list[BitmapEntry] = []
     pos = 0
-    for _ in range(nb):
+    while pos < size:
         if pos + _ENTRY.size > size:
-            raise ImageCorruptError("bitmap directory is truncated", name)
+            raise ImageCorruptError("Broken bitmap directory", name)
+        if len(out) == nb:
+            raise ImageCorruptError("More bitmaps found than specified in header extension",
+                                    name)  # fmt: skip
         tab_off, tab_size, flags, typ, gbits, name_size, extra = _ENTRY.unpack_from(buf, pos)
-        end = pos + _ENTRY.size + extra + name_size
+        end = pos + dir_entry_size(name_size, extra)
         if end > size:
-            raise ImageCorruptError("bitmap directory is truncated", name)
+            raise ImageCorruptError("Broken bitmap directory", name)
+        if extra:
+            raise ImageCorruptError("Bitmap extra data is not supported", name)
+        start = pos + _ENTRY.size
         e = BitmapEntry(
-            name=bytes(buf[end - name_size : end]).decode("utf-8", "replace"),
+            name=bytes(buf[start : start + name_size]).decode("utf-8", "replace"),
             granularity_bits=gbits, flags=flags, table_offset=tab_off, table_size=tab_size,
-            type=typ, extra_data=bytes(buf[pos + _ENTRY.size : pos + _ENTRY.size + extra]),
+            type=typ, extra_data=b"",
         )  # fmt: skip
         _check_entry(img, e)
         out.append(e)
-        pos = -(-end // 8) * 8
+        pos = end
+    if len(out) != nb:
+        raise ImageCorruptError("Less bitmaps found than specified in header extension", name)
     return out
 
 
 def _check_entry(img: Qcow2Image, e: BitmapEntry) -> None:
-    """QEMU's check_dir_entry: what makes a directory entry corrupt."""
+    """QEMU's check_dir_entry: what makes a directory entry refused."""
     need = -(-bitmap_bytes(img.header.size, e.granularity) // img.geo.cluster_size) \
         if BME_MIN_GRANULARITY_BITS <= e.granularity_bits <= 63 else -1  # fmt: skip
     bad = (e.table_size == 0 or e.table_offset % img.geo.cluster_size
@@ -156,8 +162,36 @@ def _check_entry(img: Qcow2Image, e: BitmapEntry) -> None:
            or not 0 < len(e.name.encode()) <= BME_MAX_NAME_SIZE
            or e.type != BME_TYPE_DIRTY_TRACKING)  # fmt: skip
     if bad:
-        raise ImageCorruptError(f"bitmap '{e.name}' has an invalid directory entry",
+        raise ImageCorruptError(f"Bitmap '{e.name}' doesn't satisfy the constraints",
                                 img.file.name)  # fmt: skip
+
+
+async def referenced_ranges(img: Qcow2Image) -> list[tuple[int, int]] | None:
+    """Every byte range the bitmaps extension points at, as stored and unvalidated (for
+    counting references): the directory, each bitmap table and each table's data clusters,
+    as (offset, length). None when the directory claims more than 64 MiB (not read)."""
+    ext = img.header.extension(ExtType.BITMAPS)
+    if ext is None or len(ext.data) < _EXT.size:
+        return []
+    nb, _res, dir_size, dir_off = _EXT.unpack_from(ext.data)
+    if dir_size > MAX_BITMAP_DIRECTORY_SIZE:
+        return None
+    ranges = [(dir_off, dir_size)]
+    d = bytearray(dir_size)
+    await img.file.pread(dir_off, memoryview(d))
+    pos = 0
+    for _ in range(nb):
+        if pos + _ENTRY.size > len(d):
+            break
+        tab_off, tab_size, _f, _t, _g, name_size, extra = _ENTRY.unpack_from(d, pos)
+        ranges.append((tab_off, tab_size * 8))
+        tab = bytearray(tab_size * 8)
+        await img.file.pread(tab_off, memoryview(tab))
+        for e in struct.unpack(f">{tab_size}Q", tab):
+            if e & BME_TABLE_ENTRY_OFFSET_MASK:
+                ranges.append((e & BME_TABLE_ENTRY_OFFSET_MASK, img.geo.cluster_size))
+        pos += dir_entry_size(name_size, extra)
+    return ranges
 
 
 async def _read_table(img: Qcow2Image, e: BitmapEntry) -> list[int]:
@@ -341,7 +375,7 @@ async def _replace_directory(img: Qcow2Image, entries: list[BitmapEntry],
     autoclear = h.autoclear_features & ~Autoclear.BITMAPS
     if entries:
         directory = b"".join(e.pack() for e in entries)
-        if len(directory) > MAX_DIRECTORY_SIZE:
+        if len(directory) > MAX_BITMAP_DIRECTORY_SIZE:
             raise BlockError(errno.EINVAL, "bitmap directory too large", img.file.name)
         dir_off = await rc.alloc_clusters(-(-len(directory) // cs))
         await img.file.pwrite(dir_off, directory)
@@ -388,7 +422,7 @@ async def can_store(img: Qcow2Image, name: str, granularity: int, disk_size: int
     nb, size, _off = fields
     if nb >= MAX_BITMAPS:
         raise refuse("Maximum number of persistent bitmaps is already reached")
-    if size + dir_entry_size(len(name.encode()), 0) > MAX_DIRECTORY_SIZE:
+    if size + dir_entry_size(len(name.encode()), 0) > MAX_BITMAP_DIRECTORY_SIZE:
         raise refuse("Not enough space in the bitmap directory")
     async with img.lock:
         entries = await read_directory(img)

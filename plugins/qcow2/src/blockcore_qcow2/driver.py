@@ -32,7 +32,7 @@ from blockcore.types import (
 )
 from blockcore.util import parse_bool, parse_size
 
-from . import compress, reopen, snaptable
+from . import bitmap, compress, reopen, snaptable
 from .check import check_image
 from .cluster import SubclusterType as ST
 from .format import QCOW_MAGIC, Autoclear, Compat, Incompat, empty_image, prealloc_size
@@ -239,6 +239,8 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     bs.opaque = Qcow2State(image, file, data)
     if not flags & (OpenFlags.INACTIVE | OpenFlags.NO_IO):
         _load_bitmaps(bs, image, rw)
+    elif not flags & OpenFlags.INACTIVE:  # (info) QEMU loads them: a broken directory fails
+        run_co(bs, bitmap.read_directory(image))
 
     async def read_backing(offset: int, buf: memoryview) -> None:
         if bs.backing is None:
@@ -324,7 +326,6 @@ def bdrv_get_specific_info(bs: Any) -> dict[str, Any] | None:
         if h.incompatible_features & Incompat.DATA_FILE:
             data["data-file"] = h.data_file
             data["data-file-raw"] = bool(h.autoclear_features & Autoclear.DATA_FILE_RAW)
-        from . import bitmap
 
         bitmaps = run_co(bs, bitmap.info_list(img))
         if bitmaps:
@@ -390,7 +391,6 @@ def bdrv_measure(options: dict[str, Any], in_bs: Any) -> BlockMeasureInfo:
     if in_bs is not None and in_bs.drv is not None and in_bs.drv.name == "qcow2" \
             and in_bs.opaque.image.header.version >= 3 \
             and str(options.get("compat") or "1.1") not in ("0.10", "v2"):  # fmt: skip
-        from . import bitmap
 
         # both sides support persistent bitmaps (qcow2_get_persistent_dirty_bitmap_size)
         bitmaps = bitmap.stored_size(in_bs.dirty_bitmaps, cs)
@@ -686,7 +686,6 @@ def _load_bitmaps(bs: Any, image: Qcow2Image, rw: bool) -> None:
     marked in-use on disk until they are stored again at close."""
     from blockcore.dirty_bitmap import BdrvDirtyBitmap
 
-    from . import bitmap
 
     size = -(-image.header.size // 512) * 512
 
@@ -702,7 +701,6 @@ def _store_bitmaps(bs: Any, image: Qcow2Image) -> None:
     """Write the persistent bitmaps back and release them (qcow2_store_persistent_dirty_bitmaps);
     a failure loses them, as in QEMU, but does not stop the close."""
 
-    from . import bitmap
 
     try:
         run_co(bs, bitmap.store(image, reopen.writable_bitmaps(bs)))
@@ -714,7 +712,6 @@ def _store_bitmaps(bs: Any, image: Qcow2Image) -> None:
 
 @hookimpl
 async def bdrv_co_can_store_new_dirty_bitmap(bs: Any, name: str, granularity: int) -> bool:
-    from . import bitmap
 
     img: Qcow2Image = bs.opaque.image
     return await bitmap.can_store(img, name, granularity, bs.total_bytes, bs.node_name)
@@ -722,7 +719,6 @@ async def bdrv_co_can_store_new_dirty_bitmap(bs: Any, name: str, granularity: in
 
 @hookimpl
 async def bdrv_co_remove_persistent_dirty_bitmap(bs: Any, name: str) -> None:
-    from . import bitmap
 
     await bitmap.remove(bs.opaque.image, name)
 

@@ -114,6 +114,40 @@ def _invalid(msg: str, filename: str | None) -> BlockError:
     return BlockError(errno.EINVAL, msg, filename)
 
 
+#: QEMU's limits on persistent bitmaps (QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE)
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+
+
+def _check_bitmaps_extension(data: bytes, header: QCowHeader, filename: str | None) -> None:
+    """Refuse a bitmaps extension as QEMU's qcow2_read_extensions does, in its order and
+    words; a stale one (autoclear bit cleared by a program without bitmap support) is not
+    looked at, only dropped later."""
+
+    def refuse(msg: str) -> BlockError:
+        exc = _invalid(msg, filename)
+        exc.verbatim = True  # type: ignore[attr-defined]  # QEMU's lowercase start
+        return exc
+
+    if len(data) != 24:
+        raise refuse("bitmaps_ext: Invalid extension length")
+    if not header.autoclear_features & Autoclear.BITMAPS:
+        return
+    nb, reserved, size, offset = struct.unpack(">IIQQ", data)
+    if reserved:
+        raise refuse("bitmaps_ext: Reserved field is not zero")
+    if nb > MAX_BITMAPS:
+        raise refuse(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported "
+                     f"maximum of {MAX_BITMAPS}")  # fmt: skip
+    if nb == 0:
+        raise refuse("found bitmaps extension with zero bitmaps")
+    if offset & (header.cluster_size - 1):
+        raise refuse("bitmaps_ext: invalid bitmap directory offset")
+    if size > MAX_BITMAP_DIRECTORY_SIZE:
+        raise refuse(f"bitmaps_ext: bitmap directory size ({size}) exceeds the maximum "
+                     f"supported size ({MAX_BITMAP_DIRECTORY_SIZE})")  # fmt: skip
+
+
 @attrs.frozen
 class HeaderExtension:
     """One header extension, kept byte for byte (unknown types included)."""
@@ -347,8 +381,7 @@ class QCowHeader:
         )  # fmt: skip
         ext = header.extension(ExtType.BITMAPS)
         if ext is not None:
-            if len(ext.data) < 24:
-                raise _corrupt(f"bitmaps extension too short ({len(ext.data)} bytes)", filename)
+            _check_bitmaps_extension(ext.data, header, filename)
         return header
 
     @staticmethod

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from blockcore.types import BdrvCheckMode as Mode
 from blockcore.types import BdrvCheckResult
 
+from . import bitmap
 from .cluster import ClusterType, cluster_type
 from .format import (
     L1E_OFFSET_MASK,
@@ -275,31 +276,13 @@ def _c_hex(value: int) -> str:
 
 
 async def _walk_bitmaps(image: Qcow2Image, refs: Imrt, result: BdrvCheckResult) -> None:
-    from .format import ExtType
-
-    ext = image.header.extension(ExtType.BITMAPS)
-    if ext is None or len(ext.data) < 24:
-        return
-    nb, _res, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
-    if dir_size > 64 << 20:
+    ranges = await bitmap.referenced_ranges(image)
+    if ranges is None:
         result.messages.append("ERROR bitmap directory too large")
         result.corruptions += 1
         return
-    refs.inc(dir_off, dir_size, result)
-    d = bytearray(dir_size)
-    await image.file.pread(dir_off, memoryview(d))
-    pos = 0
-    for _ in range(nb):
-        if pos + 24 > len(d):
-            break
-        tab_off, tab_size, _flags, _t, _g, name_size, extra = struct.unpack_from(">QIIBBHI", d, pos)
-        refs.inc(tab_off, tab_size * 8, result)
-        tab = bytearray(tab_size * 8)
-        await image.file.pread(tab_off, memoryview(tab))
-        for e in struct.unpack(f">{tab_size}Q", tab):
-            if e & L1E_OFFSET_MASK:
-                refs.inc(e & L1E_OFFSET_MASK, image.geo.cluster_size, result)
-        pos += -(-(24 + extra + name_size) // 8) * 8
+    for offset, length in ranges:
+        refs.inc(offset, length, result)
 
 
 async def _raw_reftable(image: Qcow2Image) -> list[int]:

@@ -33,6 +33,7 @@ import attrs
 
 from blockcore.errors import BlockError, ImageCorruptError, NotSupportedError
 
+from . import bitmap
 from .format import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
@@ -43,7 +44,6 @@ from .format import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     V3_HEADER_LENGTH,
-    ExtType,
     decode_compressed,
 )
 from .refcount import Refcounts, set_entry
@@ -299,31 +299,13 @@ def _fixed_flags(img: Qcow2Image, table: bytes, refs: _Refs) -> bytearray | None
 
 async def _count_bitmaps(img: Qcow2Image, refs: _Refs) -> None:
     """Bitmap directory, tables and data clusters named by the bitmaps extension."""
-    ext = img.header.extension(ExtType.BITMAPS)
-    if ext is None or len(ext.data) < 24:
-        return
+    ranges = await bitmap.referenced_ranges(img)
+    if ranges is None:
+        raise ImageCorruptError("bitmap directory too large", img.file.name)
     cb = img.geo.cluster_bits
-    nb, _res, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
-    if not dir_size:
-        return
-    if dir_size > 64 << 20:
-        raise ImageCorruptError(f"bitmap directory of {dir_size} bytes too large", img.file.name)
-    refs.add_range(dir_off >> cb, ((dir_off + dir_size - 1) >> cb) - (dir_off >> cb) + 1)
-    d = bytearray(dir_size)
-    await img.file.pread(dir_off, memoryview(d))
-    pos = 0
-    for _ in range(nb):
-        if pos + 24 > len(d):
-            break
-        tab_off, tab_size, _f, _t, _g, name_size, extra = struct.unpack_from(">QIIBBHI", d, pos)
-        if tab_size:
-            refs.add_range(tab_off >> cb, ((tab_off + tab_size * 8 - 1) >> cb) - (tab_off >> cb) + 1)
-            tab = bytearray(tab_size * 8)
-            await img.file.pread(tab_off, memoryview(tab))
-            for e in struct.unpack(f">{tab_size}Q", tab):
-                if e & 0x00FFFFFFFFFFFE00:
-                    refs.add((e & 0x00FFFFFFFFFFFE00) >> cb)
-        pos += -(-(24 + extra + name_size) // 8) * 8
+    for offset, length in ranges:
+        if length:
+            refs.add_range(offset >> cb, ((offset + length - 1) >> cb) - (offset >> cb) + 1)
 
 
 async def commit(img: Qcow2Image, active: list[int], snapshots: list[QCowSnapshot],
