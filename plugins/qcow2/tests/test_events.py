@@ -20,7 +20,7 @@ from blockcore import BdrvRequestFlags, BlockBackend, OpenFlags
 from .conftest import create, qemu_img, qemu_io, requires_qemu
 
 pytest.importorskip("blockcore_blkdebug", reason="needs the blkdebug driver")
-pytestmark = requires_qemu
+pytestmark = [requires_qemu, pytest.mark.blkdebug]
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SRC = Path(__file__).parents[1] / "src" / "blockcore_qcow2"

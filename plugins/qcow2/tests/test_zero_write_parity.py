@@ -357,6 +357,7 @@ def test_not_waiting_as_qemu_would_corrupt(tmp_path: Path, monkeypatch: pytest.M
     assert r.first_cluster[:4096] == b"\x55" * 4096  # neither zero-then-write nor the reverse
 
 
+@pytest.mark.blkdebug
 @pytest.mark.skipif(importlib.util.find_spec("blockcore_blkdebug") is None,
                     reason="needs the blkdebug driver")  # fmt: skip
 def test_zero_write_during_reuse_through_qemu_io(tmp_path: Path) -> None:
