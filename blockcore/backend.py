@@ -233,9 +233,13 @@ class BlockBackend:
         loop (QEMU's reader count, no coroutine); returns the token for
         :meth:`_inline_rdunlock`, or None when the caller must take the full lock."""
         ctx = root.bs.aio_context
-        if aio_mod._has_writer or running.loop is not ctx.loop:
+        if running.loop is not ctx.loop:
             return None  # (running.loop can only miss: the full lock then checks exactly)
-        ctx.graph_readers += 1
+        ctx.graph_readers += 1  # count first, then look for a writer, as __aenter__ does:
+        if aio_mod._has_writer:  # a writer that came in between sees the count and waits
+            ctx.graph_readers -= 1
+            aio_wait_kick()
+            return None
         return _rdlock_depth.set(1)
 
     @staticmethod

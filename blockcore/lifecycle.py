@@ -74,6 +74,10 @@ def _apply_generic(options: dict[str, Any], flags: OpenFlags) -> tuple[OpenFlags
     for key in ("node-name", "detect-zeroes", "force-share"):
         if key in options:
             generic[key] = options.pop(key)
+    if str(generic.get("detect-zeroes", "off")) not in ("off", "on", "unmap"):
+        exc = BlockError(errno.EINVAL, f"invalid parameter value: {generic['detect-zeroes']}")
+        exc.verbatim = True  # type: ignore[attr-defined]  # QEMU's lowercase start
+        raise exc
     return flags, generic
 
 
@@ -372,6 +376,33 @@ def _reopen_options(node: BlockDriverState, new: dict[str, Any]) -> dict[str, An
     return {**old, **new}
 
 
+def _pop_child_options(opts: dict[str, Any], child: str) -> dict[str, Any]:
+    """Take the ``child.``-prefixed options out of ``opts``, for that child's reopen."""
+    prefix = child + "."
+    return {k[len(prefix):]: opts.pop(k) for k in list(opts) if k.startswith(prefix)}
+
+
+def _reopen_generic(node: BlockDriverState, opts: dict[str, Any], flags: OpenFlags,
+                    detect_zeroes: dict[BlockDriverState, str]) -> OpenFlags:  # fmt: skip
+    """Take the block layer's own options out of a reopen's ``opts`` (QEMU's
+    bdrv_reopen_prepare): ``read-only``, ``auto-read-only``, ``cache.*`` and ``discard``
+    become flags, ``detect-zeroes`` is applied at commit, ``driver`` may only name the
+    driver the node has; return the flags."""
+    drv = node.drv
+    if "driver" in opts and (drv is None or opts.pop("driver") != drv.name):
+        raise BlockError(errno.EINVAL, "Cannot change the option 'driver'", node.filename)
+    cache = _pop_child_options(opts, "cache")
+    if cache:
+        opts["cache"] = cache
+    flags, generic = _apply_generic(opts, flags)
+    if "detect-zeroes" in generic:
+        detect_zeroes[node] = str(generic.pop("detect-zeroes"))
+    for key, value in generic.items():  # node-name, force-share: fixed at open
+        if key not in node.options or node.options[key] != value:
+            raise BlockError(errno.EINVAL, f"Cannot change the option '{key}'", node.filename)
+    return flags
+
+
 def _check_unhandled(node: BlockDriverState, left: dict[str, Any]) -> None:
     """Options the driver's prepare left in place may not differ from the current ones."""
     for key, value in left.items():
@@ -397,13 +428,17 @@ def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] 
     from .drain import bdrv_drained_begin, bdrv_drained_end
 
     queue: list[tuple[BlockDriverState, OpenFlags, dict[str, Any]]] = []
+    detect_zeroes: dict[BlockDriverState, str] = {}
+    inherited = OpenFlags.RDWR | OpenFlags.CACHE_MASK  # what storage children follow
 
     def collect(node: BlockDriverState, nflags: OpenFlags, opts: dict[str, Any]) -> None:
+        nflags = _reopen_generic(node, opts, nflags, detect_zeroes)
+        below = {c.name: _pop_child_options(opts, c.name) for c in node.children}
         queue.append((node, nflags, _reopen_options(node, opts)))
         for c in node.children:
             if not c.role & ChildRole.COW:
-                child_rw = (c.bs.open_flags & ~OpenFlags.RDWR) | (nflags & OpenFlags.RDWR)
-                collect(c.bs, child_rw, {})
+                child_flags = (c.bs.open_flags & ~inherited) | (nflags & inherited)
+                collect(c.bs, child_flags, below[c.name])
 
     collect(bs, flags, dict(options or {}))
     bdrv_drained_begin(bs)
@@ -441,6 +476,8 @@ def bdrv_reopen(bs: BlockDriverState, flags: OpenFlags, options: dict[str, Any] 
                 node.drv.bdrv_reopen_commit(node, state)  # type: ignore[union-attr]
             names = _runtime_names(node)
             node.options = {**{k: v for k, v in node.options.items() if k not in names}, **opts}
+            if node in detect_zeroes:
+                node.detect_zeroes = detect_zeroes[node]
         # limits may change with the new flags (cache.direct brings O_DIRECT alignment);
         # children first, so parents merge the new values
         for node, _state, _old, _opts in reversed(prepared):

@@ -118,7 +118,10 @@ def run_tool(body: Callable[[], int], *, newline_on_interrupt: bool = False) -> 
     except Exception as exc:
         if os.environ.get("BLOCKCORE_DEBUG"):
             raise
-        error_report(*describe_error(exc))  # an OSError no command caught: no class name
+        if isinstance(exc, OSError):  # one no command caught: QEMU's words, no class name
+            error_report(*describe_error(exc))
+        else:  # a bug: say what it is
+            error_report(f"{type(exc).__name__}: {exc}")
         status = 1
     try:
         sys.stdout.flush()

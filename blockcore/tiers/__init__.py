@@ -74,6 +74,8 @@ class _RunningLoop(threading.local):
 
 
 running = _RunningLoop()
+# a forked child runs no loop of its parent's (asyncio forgets its running loop there too)
+os.register_at_fork(after_in_child=lambda: setattr(running, "loop", None))
 
 
 def api(tier: Tier) -> Callable[[F], F]:

@@ -349,3 +349,30 @@ def test_bitmap_reopen_as_qemu_io(tmp_path: Path) -> None:
     for path in copies.values():
         check_clean(path)
     assert bitmap_flags(copies["ours"]) == bitmap_flags(copies["qemu"]) == {"b0": ["auto"]}
+
+
+GENERIC = ["driver=qcow2", "driver=raw", "discard=unmap", "discard=ignore", "file.driver=file",
+           "file.driver=raw", "cache.direct=on", "cache.no-flush=on", "auto-read-only=on",
+           "detect-zeroes=on", "detect-zeroes=bad", "node-name=other"]  # fmt: skip
+
+
+@pytest.mark.parametrize("opts", GENERIC)
+def test_block_layer_options_as_qemu_io(tmp_path: Path, opts: str) -> None:
+    """The block layer's own options at reopen (bdrv_reopen_prepare): accepted when QEMU
+    accepts them (the same driver, discard, cache flags, detect-zeroes, a child's options
+    given as ``file.*``), refused with its words otherwise; the node works after either."""
+    img = create(tmp_path / "g.qcow2", "1M")
+    both(tmp_path, img, [f"reopen -o {opts}", "write -P 7 0 4k", "read -P 7 0 4k"])
+
+
+def test_cache_direct_reaches_the_file_node(tmp_path: Path) -> None:
+    """``cache.direct`` at reopen is a flag of the storage below too, as at open."""
+    img = create(tmp_path / "d.qcow2", "1M")
+    with BlockBackend.open(str(img), {"driver": "qcow2"}, OpenFlags.RDWR) as blk:
+        file_bs = blk.bs.file.bs
+        assert not file_bs.open_flags & OpenFlags.NOCACHE
+        bdrv_reopen(blk.bs, blk.bs.open_flags, {"cache.direct": "on"})
+        assert blk.bs.open_flags & OpenFlags.NOCACHE
+        assert file_bs.open_flags & OpenFlags.NOCACHE
+        blk.pwrite(0, b"\x42" * 4096)
+    assert "verification" not in qemu_io(img, "read -P 0x42 0 4k")

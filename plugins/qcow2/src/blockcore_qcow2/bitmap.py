@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
 BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
-BME_RESERVED_FLAGS = ~0x7 & 0xFFFFFFFF
+# QEMU 7.2 refuses the extra-data-compatible flag too (it supports no extra data)
+BME_RESERVED_FLAGS = ~0x3 & 0xFFFFFFFF
 BME_TYPE_DIRTY_TRACKING = 1
 BME_MIN_GRANULARITY_BITS = 9
 BME_MAX_GRANULARITY_BITS = 31
@@ -143,7 +144,7 @@ async def read_directory(img: Qcow2Image) -> list[BitmapEntry]:
             granularity_bits=gbits, flags=flags, table_offset=tab_off, table_size=tab_size,
             type=typ, extra_data=b"",
         )  # fmt: skip
-        _check_entry(img, e)
+        _check_entry(img, e, name_size)
         out.append(e)
         pos = end
     if len(out) != nb:
@@ -151,18 +152,24 @@ async def read_directory(img: Qcow2Image) -> list[BitmapEntry]:
     return out
 
 
-def _check_entry(img: Qcow2Image, e: BitmapEntry) -> None:
-    """QEMU's check_dir_entry: what makes a directory entry refused."""
-    need = -(-bitmap_bytes(img.header.size, e.granularity) // img.geo.cluster_size) \
-        if BME_MIN_GRANULARITY_BITS <= e.granularity_bits <= 63 else -1  # fmt: skip
-    bad = (e.table_size == 0 or e.table_offset % img.geo.cluster_size
-           or e.table_size > BME_MAX_TABLE_SIZE or e.table_size != need
+def _check_entry(img: Qcow2Image, e: BitmapEntry, name_size: int) -> None:
+    """QEMU's check_dir_entry, and load_bitmap's table size check (QEMU loads every bitmap
+    at open, so both refuse the open): a table of the wrong size is only allowed for a
+    bitmap in use, which is loaded inconsistent anyway."""
+    cs = img.geo.cluster_size
+    in_use = e.flags & BME_FLAG_IN_USE
+    bad = (e.table_size == 0 or e.table_offset == 0 or e.table_offset % cs
+           or e.table_size > BME_MAX_TABLE_SIZE or e.table_size * cs > BME_MAX_PHYS_SIZE
            or e.flags & BME_RESERVED_FLAGS
            or not BME_MIN_GRANULARITY_BITS <= e.granularity_bits <= BME_MAX_GRANULARITY_BITS
-           or not 0 < len(e.name.encode()) <= BME_MAX_NAME_SIZE
+           or not 0 < name_size <= BME_MAX_NAME_SIZE
            or e.type != BME_TYPE_DIRTY_TRACKING)  # fmt: skip
-    if bad:
+    need = 0 if bad else -(-bitmap_bytes(img.header.size, e.granularity) // cs)
+    if bad or not in_use and e.table_size < need:
         raise ImageCorruptError(f"Bitmap '{e.name}' doesn't satisfy the constraints",
+                                img.file.name)  # fmt: skip
+    if not in_use and e.table_size != need:
+        raise ImageCorruptError(f"Could not read bitmap '{e.name}' from image: Invalid argument",
                                 img.file.name)  # fmt: skip
 
 
@@ -171,8 +178,8 @@ async def referenced_ranges(img: Qcow2Image) -> list[tuple[int, int]] | None:
     counting references): the directory, each bitmap table and each table's data clusters,
     as (offset, length). None when the directory claims more than 64 MiB (not read)."""
     ext = img.header.extension(ExtType.BITMAPS)
-    if ext is None or len(ext.data) < _EXT.size:
-        return []
+    if ext is None or len(ext.data) < _EXT.size or stale_extension(img):
+        return []  # a stale extension's clusters are leaked, as QEMU's check says
     nb, _res, dir_size, dir_off = _EXT.unpack_from(ext.data)
     if dir_size > MAX_BITMAP_DIRECTORY_SIZE:
         return None
@@ -185,6 +192,8 @@ async def referenced_ranges(img: Qcow2Image) -> list[tuple[int, int]] | None:
             break
         tab_off, tab_size, _f, _t, _g, name_size, extra = _ENTRY.unpack_from(d, pos)
         ranges.append((tab_off, tab_size * 8))
+        if tab_size * img.geo.cluster_size > BME_MAX_PHYS_SIZE:
+            break  # not a table any open accepts: no allocation its size asks for
         tab = bytearray(tab_size * 8)
         await img.file.pread(tab_off, memoryview(tab))
         for e in struct.unpack(f">{tab_size}Q", tab):

@@ -13,6 +13,7 @@ import attrs
 
 from blockcore import backend, graph, hookimpl, io, special, status
 from blockcore.aio import run_co
+from blockcore.cliutil import warn_report
 from blockcore.errors import BlockError, NotSupportedError, error_prepend
 from blockcore.types import (
     BdrvCheckMode,
@@ -225,6 +226,8 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     ))  # fmt: skip
     # read by .snapshot: punch clusters snapshot operations free (QEMU's default: on)
     image.discard_snapshot = ro.discard_snapshot  # type: ignore[attr-defined]
+    if bitmap.stale_extension(image):
+        _warn_stale_bitmaps(header.version)
     if not flags & OpenFlags.CHECK:
         # a bad snapshot table refuses the open; check reads it itself (qcow2_do_open)
         run_co(bs, snaptable.read_at_open(image))
@@ -252,6 +255,22 @@ def bdrv_open(bs: Any, options: dict[str, Any], flags: OpenFlags) -> None:
     image.has_backing = lambda: bs.backing is not None
     image.is_zero_fast = lambda offset, length: status.bdrv_co_is_zero_fast(bs, offset, length)
     image.is_zero = lambda offset, length: _is_zero(bs, offset, length)
+
+
+def _warn_stale_bitmaps(version: int) -> None:
+    """QEMU's words when a program without bitmap support cleared the bitmaps' autoclear
+    bit (qcow2_read_extensions): the bitmaps are dropped, their clusters maybe leaked. The
+    second line has no newline in QEMU either."""
+    if version < 3:
+        warn_report("This qcow2 v2 image contains bitmaps, but they may have been modified "
+                    "by a program without persistent bitmap support; so now they must all be "
+                    "considered inconsistent")  # fmt: skip
+    else:
+        warn_report("a program lacking bitmap support modified this file, so all bitmaps are "
+                    "now considered inconsistent")  # fmt: skip
+    sys.stderr.write("Some clusters may be leaked, run 'qemu-img check -r' on the image file "
+                     "to fix.")  # fmt: skip
+    sys.stderr.flush()
 
 
 async def _is_zero(bs: Any, offset: int, length: int) -> bool:

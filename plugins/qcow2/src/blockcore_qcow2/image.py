@@ -156,8 +156,13 @@ class Qcow2Image:
         return image
 
     async def write_header(self, header: QCowHeader) -> None:
-        """Write cluster 0's header part and make it current."""
+        """Write cluster 0's header part and make it current; a header shorter than the one
+        before (an extension dropped) is zero-padded over the old one's bytes, as QEMU's
+        whole-cluster header write leaves them."""
         data = header.pack()
+        old_len = len(self.header.pack())
+        if old_len > len(data):
+            data += bytes(old_len - len(data))
         await self.file.pwrite(0, data)
         await self.file.flush()
         self.header = header

@@ -243,8 +243,9 @@ async def bdrv_co_preadv(
     bs: BlockDriverState, offset: int, length: int, buf: memoryview, flags: BdrvRequestFlags
 ) -> None:
     engine = bs.opaque.engine
-    if engine.read_now(buf, offset) != length:
-        await engine.preadv(buf, offset)
+    done = engine.read_now(buf, offset)
+    if done != length:
+        await engine.preadv(buf[done:], offset + done)
 
 
 @hookimpl
