@@ -119,12 +119,16 @@ class TrackedRequest:
 
 
 def _untracked_done(bs: BlockDriverState) -> None:
+    """The end of an untracked request: off both counts, barrier and drain waiters woken."""
     bs.untracked_in_flight -= 1
     if not bs.untracked_in_flight and bs.untracked_waiters:
         waiters, bs.untracked_waiters = bs.untracked_waiters, []
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+    bs.in_flight -= 1
+    if _waiters:
+        aio_wait_kick()
 
 
 async def _wait_serialising(req: TrackedRequest) -> None:
@@ -331,9 +335,6 @@ async def bdrv_co_preadv(
             await drv.bdrv_co_preadv(bs, offset, length, view, _NONE)
         finally:
             _untracked_done(bs)
-            bs.in_flight -= 1
-            if _waiters:
-                aio_wait_kick()
         return
     req = TrackedRequest(bs, offset, length, _READ)
     try:
@@ -427,9 +428,6 @@ async def bdrv_co_pwritev(
         finally:
             _write_finish(bs, offset, length, _WRITE)
             _untracked_done(bs)
-            bs.in_flight -= 1
-            if _waiters:
-                aio_wait_kick()
         return
     req = TrackedRequest(bs, offset, length, _WRITE)
     try:

@@ -80,3 +80,19 @@ class MemFile:
     #: zero writes with no_fallback work, as fallocate on a regular file (handle_alloc_space
     #: zeroes new clusters instead of writing COW buffers of zeros)
     fast_zeroes = True
+
+
+def paused_at_data_write(mem: MemFile) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the next guest data write of ``mem`` stop (lock dropped, allocation in flight)
+    until the returned gate is set; the other event tells it got there."""
+    gate, at_data = asyncio.Event(), asyncio.Event()
+    real_event = mem.event
+
+    async def event(name: str) -> None:
+        await real_event(name)
+        if name == "write_aio" and not gate.is_set():
+            at_data.set()
+            await gate.wait()
+
+    mem.event = event  # type: ignore[method-assign]
+    return gate, at_data

@@ -9,14 +9,14 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-from blockcore.types import BdrvCheckMode, BdrvCheckResult
+from blockcore_qcow2.check import check_image
 from blockcore_qcow2.format import empty_image
 from blockcore_qcow2.image import Qcow2Image
-from blockcore_qcow2.check import check_image
+
+from blockcore.types import BdrvCheckMode, BdrvCheckResult
 
 from .conftest import create, qemu_img, requires_qemu, to_raw
-from .memfile import MemFile
+from .memfile import MemFile, paused_at_data_write
 
 pytestmark = requires_qemu
 
@@ -220,17 +220,7 @@ def test_cancel_while_retaking_the_lock_after_data_io(tmp_path: Path) -> None:
     data write still unwinds under the lock: its clusters are given back, the lock and the
     in-flight list are left clean, and later writes and qemu-img check are fine."""
     mem = new_image()
-    gate = asyncio.Event()
-    at_data = asyncio.Event()
-    real_event = mem.event
-
-    async def event(name: str) -> None:
-        await real_event(name)
-        if name == "write_aio" and not gate.is_set():
-            at_data.set()
-            await gate.wait()
-
-    mem.event = event  # type: ignore[method-assign]
+    gate, at_data = paused_at_data_write(mem)
 
     async def go() -> None:
         img = await Qcow2Image.open(mem, read_only=False)

@@ -28,7 +28,7 @@ from blockcore_qcow2.format import empty_image
 from blockcore_qcow2.image import Qcow2Image
 
 from .conftest import create, qemu_img, qemu_io, requires_qemu
-from .memfile import MemFile
+from .memfile import MemFile, paused_at_data_write
 from .test_qemu_parity import BLOCKCORE_IO, run_io
 
 pytestmark = requires_qemu
@@ -238,20 +238,6 @@ def test_discard_over_backing(tmp_path: Path, opts: str) -> None:
 # -------------------------------------------------------------------------------------------
 
 
-def paused_at_data_write(mem: MemFile) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make the next guest data write of ``mem`` stop (lock dropped, allocation in flight)
-    until the returned gate is set; the other event tells it got there."""
-    gate, at_data = asyncio.Event(), asyncio.Event()
-    real_event = mem.event
-
-    async def event(name: str) -> None:
-        await real_event(name)
-        if name == "write_aio" and not gate.is_set():
-            at_data.set()
-            await gate.wait()
-
-    mem.event = event  # type: ignore[method-assign]
-    return gate, at_data
 
 
 @attrs.frozen
