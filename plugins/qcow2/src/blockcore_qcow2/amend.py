@@ -36,6 +36,7 @@ from .format import (
     ExtType,
     Incompat,
 )
+from .snaptable import read_image_table
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
@@ -128,7 +129,7 @@ async def amend(img: Qcow2Image, options: dict[str, Any], has_backing: bool) -> 
 async def _rebuild(img: Qcow2Image, **kw: Any) -> None:
     """Rewrite the state as it is through the snapshot commit (new refcount structure and
     snapshot table), with a new header version or refcount width."""
-    snapshots, _size = await snapshot.read_table(img)
+    snapshots = await snapshot.read_snapshots(img)
     active = [e & L1E_OFFSET_MASK for e in img.l1]
     await snapshot.commit(img, active, snapshots, img.header.size, **kw)
 
@@ -249,7 +250,8 @@ async def make_empty(img: Qcow2Image) -> None:
         await img.refcounts.flush()
         disk = img.geo.size_to_l1(img.header.size)
         active = [0 if i < disk else e & L1E_OFFSET_MASK for i, e in enumerate(img.l1)]
-        snapshots, table_size = await snapshot.read_table(img)
+        table = await read_image_table(img)
+        snapshots, table_size = table.snapshots, table.size
         l1_clusters = -(-len(img.l1) * 8 // img.geo.cluster_size)
         completely = img.header.version >= 3 and not snapshots and not img.has_data_file \
             and img.header.extension(ExtType.BITMAPS) is None \

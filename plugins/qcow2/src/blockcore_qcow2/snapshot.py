@@ -57,12 +57,6 @@ async def read_snapshots(img: Qcow2Image) -> list[QCowSnapshot]:
     return (await read_image_table(img)).snapshots
 
 
-async def read_table(img: Qcow2Image) -> tuple[list[QCowSnapshot], int]:
-    """The snapshot table named by the header and its length in bytes."""
-    table = await read_image_table(img)
-    return table.snapshots, table.size
-
-
 def find_snapshot(snapshots: list[QCowSnapshot], snapshot_id: str | None,
                   name: str | None) -> int:  # fmt: skip
     """Index of the first snapshot matching ``snapshot_id`` and/or ``name`` (both must match
@@ -140,7 +134,8 @@ async def goto(img: Qcow2Image, id_or_name: str) -> int:
     async with img.lock:
         await img.ensure_writable()
         await img.flush_metadata()
-        snapshots, table_size = await read_table(img)
+        table = await read_image_table(img)
+        snapshots, table_size = table.snapshots, table.size
         i = find_snapshot_by_id_or_name(snapshots, id_or_name)
         if i < 0:
             raise BlockError(errno.ENOENT, "No such file or directory", img.file.name)

@@ -242,7 +242,7 @@ async def read_at_open(image: Qcow2Image) -> SnapshotTable:
     bad = pointer_error(h.nb_snapshots, h.snapshots_offset, image.geo.cluster_size)
     if bad is not None:
         raise BlockError(bad[0], f"Snapshot table {bad[1]}", image.file.name)
-    return await read_table(image.file, h.snapshots_offset, h.nb_snapshots, h.size)
+    return await read_image_table(image)
 
 
 async def read_image_table(image: Qcow2Image) -> SnapshotTable:
